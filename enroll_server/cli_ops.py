@@ -1,0 +1,307 @@
+"""Operator commands: enrollment groups, tokens, devices, certificates, audit.
+
+Human tables by default, `--json` for scripts. Every change is an audit event.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+from cryptography import x509
+
+from .ca.profiles import GROUP_NAME_PATTERN, KEY_TYPES, is_topic_safe
+from .cli import Context, main
+from .errors import EnrollError
+
+pass_context = click.make_pass_decorator(Context)
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def operator() -> str:
+    try:
+        return "operator:" + getpass.getuser()
+    except (KeyError, OSError):
+        return "operator:unknown"
+
+
+def render(rows: list[dict[str, Any]], as_json: bool, columns: list[str] | None = None,
+           empty: str = "(none)") -> None:
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        click.echo(empty)
+        return
+    columns = columns or list(rows[0])
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, dt.datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%SZ")
+    return "-" if value in (None, "") else str(value)
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if not match:
+        raise click.BadParameter("use a number with s, m, h or d, e.g. 30m or 7d")
+    unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
+    return dt.timedelta(**{unit: int(match.group(1))})
+
+
+def fail(error: EnrollError) -> None:
+    raise click.ClickException(f"{error.public} [{error.code}]")
+
+
+# -- enrollment groups ------------------------------------------------------------------
+@main.group(epilog="""\b
+Examples:
+  enroll-server group create factory-a --auth bootstrap --bootstrap-ca idevid-ca.pem
+  enroll-server group create lab --lifetime-days 30 --key-types ec-p256 --approval
+  enroll-server group list --json
+""")
+def group() -> None:
+    """Enrollment groups: who may enroll, how, and what certificate they get."""
+
+
+@group.command("create")
+@click.argument("name")
+@click.option("--auth", default="token", show_default=True,
+              help="Accepted credentials, comma separated: token, bootstrap.")
+@click.option("--lifetime-days", default=365, show_default=True, type=click.IntRange(1, 3650))
+@click.option("--key-types", default="ec-p256,ec-p384", show_default=True,
+              help=f"Allowed device key types: {', '.join(KEY_TYPES)}.")
+@click.option("--min-rsa-bits", default=2048, show_default=True, type=click.IntRange(2048))
+@click.option("--bootstrap-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="PEM bundle of factory (IDevID) CAs trusted for bootstrap enrollment.")
+@click.option("--approval", is_flag=True, help="Hold every enrollment for operator approval.")
+@pass_context
+def group_create(ctx: Context, name: str, auth: str, lifetime_days: int, key_types: str,
+                 min_rsa_bits: int, bootstrap_ca: Path | None, approval: bool) -> None:
+    """Create an enrollment group (its name is the EST label)."""
+    if not GROUP_NAME_PATTERN.fullmatch(name):
+        raise click.BadParameter("lower-case letters, digits, '-' and '_' (max 64)",
+                                 param_hint="NAME")
+    methods = [m.strip() for m in auth.split(",") if m.strip()]
+    if not methods or set(methods) - {"token", "bootstrap"}:
+        raise click.BadParameter("choose from token, bootstrap", param_hint="--auth")
+    types = [t.strip() for t in key_types.split(",") if t.strip()]
+    if not types or set(types) - set(KEY_TYPES):
+        raise click.BadParameter(f"choose from {', '.join(KEY_TYPES)}",
+                                 param_hint="--key-types")
+    bundle = ""
+    if bootstrap_ca:
+        bundle = bootstrap_ca.read_text()
+        try:
+            x509.load_pem_x509_certificates(bundle.encode())
+        except ValueError:
+            raise click.BadParameter("not a PEM certificate bundle",
+                                     param_hint="--bootstrap-ca") from None
+    if "bootstrap" in methods and not bundle:
+        raise click.BadParameter("bootstrap authentication needs --bootstrap-ca",
+                                 param_hint="--auth")
+    repository = ctx.repository()
+    try:
+        repository.create_group(name, auth_methods=",".join(methods),
+                                lifetime_days=lifetime_days, key_types=",".join(types),
+                                min_rsa_bits=min_rsa_bits, requires_approval=approval,
+                                bootstrap_ca_pem=bundle)
+    except EnrollError as error:
+        fail(error)
+    repository.audit(actor=operator(), action="group.create", outcome="success", group=name,
+                     detail={"auth": methods, "key_types": types, "approval": approval})
+    click.echo(f"Created enrollment group {name!r}.")
+    if bundle:
+        click.echo("Restart (or SIGHUP) the server so TLS trusts the new bootstrap CA.")
+
+
+@group.command("list")
+@json_option
+@pass_context
+def group_list(ctx: Context, as_json: bool) -> None:
+    """List enrollment groups."""
+    rows = [{"name": g.name, "auth": g.auth_methods, "lifetime_days": g.lifetime_days,
+             "key_types": g.key_types, "approval": g.requires_approval,
+             "bootstrap_cas": len(x509.load_pem_x509_certificates(
+                 g.bootstrap_ca_pem.encode())) if g.bootstrap_ca_pem.strip() else 0}
+            for g in ctx.repository().groups()]
+    render(rows, as_json)
+
+
+# -- enrollment tokens ------------------------------------------------------------------
+@main.group(epilog="""\b
+Examples:
+  enroll-server token create --group default
+  enroll-server token create --group default --device sensor-0042 --ttl 2h --json
+""")
+def token() -> None:
+    """One-time enrollment tokens (HTTP Bearer for EST simpleenroll)."""
+
+
+@token.command("create")
+@click.option("--group", "group_name", default="default", show_default=True)
+@click.option("--device", "device_id", help="Bind the token to this device id.")
+@click.option("--ttl", default="24h", show_default=True, help="Lifetime, e.g. 30m, 24h, 7d.")
+@json_option
+@pass_context
+def token_create(ctx: Context, group_name: str, device_id: str | None, ttl: str,
+                 as_json: bool) -> None:
+    """Create a single-use token; it is shown once and stored only as a hash."""
+    lifetime = parse_duration(ttl)
+    if device_id is not None and not is_topic_safe(device_id):
+        raise click.BadParameter("1-64 characters of A-Z a-z 0-9 . _ -",
+                                 param_hint="--device")
+    repository = ctx.repository()
+    try:
+        group_row = repository.group(group_name)
+    except EnrollError as error:
+        fail(error)
+    secret, row = repository.create_token(group_row, lifetime, operator(), device_id)
+    repository.audit(actor=operator(), action="token.create", outcome="success",
+                     group=group_name, device_id=device_id,
+                     detail={"token_id": row.id, "expires_at": row.expires_at})
+    if as_json:
+        click.echo(json.dumps({"token": secret, "group": group_name, "device_id": device_id,
+                               "expires_at": row.expires_at.isoformat() + "Z"}))
+    else:
+        click.echo(secret)
+        click.echo(f"(single use, group {group_name}, expires {_cell(row.expires_at)})",
+                   err=True)
+
+
+# -- certificates and devices -----------------------------------------------------------
+@main.group()
+def certs() -> None:
+    """Issued certificates."""
+
+
+@certs.command("list", epilog="\b\nExample:\n  enroll-server certs list --status active --json")
+@click.option("--device", "device_id")
+@click.option("--status", type=click.Choice(["active", "superseded", "revoked"]))
+@click.option("--limit", default=1000, show_default=True)
+@json_option
+@pass_context
+def certs_list(ctx: Context, device_id: str | None, status: str | None, limit: int,
+               as_json: bool) -> None:
+    """List issued certificates, newest first."""
+    rows = [{"serial": format(int(c.serial), "x"), "device": c.device.device_id,
+             "status": c.status, "via": c.issued_via, "not_after": c.not_after,
+             "subject": c.subject}
+            for c in ctx.repository().certificates(device_id, status, limit)]
+    render(rows, as_json)
+
+
+@main.group(epilog="""\b
+Examples:
+  enroll-server devices list
+  enroll-server devices show sensor-0042 --json
+  enroll-server devices approve sensor-0042
+""")
+def devices() -> None:
+    """Enrolled devices."""
+
+
+@devices.command("list")
+@click.option("--group", "group_name")
+@json_option
+@pass_context
+def devices_list(ctx: Context, group_name: str | None, as_json: bool) -> None:
+    """List devices."""
+    rows = [{"device_id": d.device_id, "group": d.group.name, "status": d.status,
+             "enrolled_by": d.enrolled_by, "created_at": d.created_at,
+             "updated_at": d.updated_at}
+            for d in ctx.repository().devices(group_name)]
+    render(rows, as_json)
+
+
+@devices.command("show")
+@click.argument("device_id")
+@json_option
+@pass_context
+def devices_show(ctx: Context, device_id: str, as_json: bool) -> None:
+    """One device: identity, certificates and recent audit events."""
+    repository = ctx.repository()
+    device = repository.run(lambda: repository.device(device_id))
+    if device is None:
+        raise click.ClickException(f"no device {device_id!r}; see `enroll-server devices "
+                                   "list`")
+    info = {"device_id": device.device_id, "group": repository.run(lambda: device.group.name),
+            "status": device.status, "enrolled_by": device.enrolled_by,
+            "identity_pin": device.identity_pin or None, "created_at": device.created_at,
+            "certificates": [{"serial": format(int(c.serial), "x"), "status": c.status,
+                              "via": c.issued_via, "not_before": c.not_before,
+                              "not_after": c.not_after}
+                             for c in repository.certificates(device_id)],
+            "audit": [{"at": e.at, "action": e.action, "outcome": e.outcome, "code": e.code}
+                      for e in repository.audit_events(device_id, limit=20)]}
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    for key in ("device_id", "group", "status", "enrolled_by", "identity_pin", "created_at"):
+        click.echo(f"{key:13} {_cell(info[key])}")
+    click.echo("\nCertificates:")
+    render(info["certificates"], False)
+    click.echo("\nRecent audit events:")
+    render(info["audit"], False)
+
+
+def _decide(ctx: Context, device_id: str, approve: bool) -> None:
+    repository = ctx.repository()
+    count = repository.decide_pending(device_id, approve, operator())
+    if not count:
+        raise click.ClickException(f"no pending enrollment for {device_id!r}")
+    action = "enroll.approve" if approve else "enroll.reject"
+    repository.audit(actor=operator(), action=action, outcome="success", device_id=device_id)
+    click.echo(f"{'Approved' if approve else 'Rejected'} the pending enrollment of "
+               f"{device_id}; the device gets its answer on its next retry.")
+
+
+@devices.command("approve")
+@click.argument("device_id")
+@pass_context
+def devices_approve(ctx: Context, device_id: str) -> None:
+    """Approve a device's pending enrollment (groups created with --approval)."""
+    _decide(ctx, device_id, True)
+
+
+@devices.command("reject")
+@click.argument("device_id")
+@pass_context
+def devices_reject(ctx: Context, device_id: str) -> None:
+    """Reject a device's pending enrollment."""
+    _decide(ctx, device_id, False)
+
+
+@devices.command("pending")
+@json_option
+@pass_context
+def devices_pending(ctx: Context, as_json: bool) -> None:
+    """Enrollments waiting for approval."""
+    rows = [{"device_id": p.device_id, "group": p.group.name, "since": p.created_at}
+            for p in ctx.repository().pending_requests()]
+    render(rows, as_json)
+
+
+@main.command("audit", epilog="\b\nExample:\n  enroll-server audit --device sensor-0042")
+@click.option("--device", "device_id")
+@click.option("--limit", default=50, show_default=True)
+@json_option
+@pass_context
+def audit(ctx: Context, device_id: str | None, limit: int, as_json: bool) -> None:
+    """Recent audit events, newest first."""
+    rows = [{"at": e.at, "actor": e.actor, "action": e.action, "outcome": e.outcome,
+             "code": e.code, "device": e.device_id, "remote": e.remote_addr,
+             "detail": e.detail}
+            for e in ctx.repository().audit_events(device_id, limit)]
+    render(rows, as_json, ["at", "actor", "action", "outcome", "code", "device", "remote"])

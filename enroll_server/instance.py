@@ -1,0 +1,170 @@
+"""`enroll-server init`: create a complete, self-contained service instance in a directory.
+
+    DIR/config.toml            the instance's settings (see config.py)
+    DIR/enroll.db              SQLite database (WAL)
+    DIR/ca/root-ca.pem|.key    root CA; key encrypted with secrets/root-ca.pass: take both
+                               offline once the instance works
+    DIR/ca/issuing-ca.pem      issuing CA certificate; its key is in the PKCS#11 token
+    DIR/ca/ca-chain.pem        issuing + root: the trust anchor file to give clients
+    DIR/softhsm/               SoftHSM2 token store (only when no token was configured)
+    DIR/tls/server.pem|.key    the EST listener's TLS certificate and key
+    DIR/secrets/               HSM PIN, root key passphrase, operator credential (0600)
+
+Refuses to touch a directory that already holds an instance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from .ca import hierarchy
+from .ca.keys import (
+    Pkcs11PrivateKey,
+    generate_pkcs11_ec_key,
+    init_softhsm_token,
+    load_file_private_key,
+    write_file_private_key,
+)
+from .config import load_settings
+from .store.db import migrate, open_database
+from .store.repository import Repository
+
+SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
+DEFAULT_GROUP = {"auth_methods": "token,bootstrap", "lifetime_days": 365,
+                 "key_types": "ec-p256,ec-p384,rsa", "min_rsa_bits": 2048}
+
+
+@dataclass(frozen=True)
+class InitOptions:
+    directory: Path
+    ca_key: str = "pkcs11"  # or "file"
+    hostnames: tuple[str, ...] = ("localhost", "127.0.0.1")
+    port: int = 8443
+    organization: str = "Enroll Fleet"
+    pkcs11_module: Path | None = None  # None: a SoftHSM token created under DIR
+    token_label: str = "enroll-ca"
+    pin_file: Path | None = None  # PIN of an existing token (with pkcs11_module)
+
+
+class InstanceExists(RuntimeError):
+    pass
+
+
+def _write_secret(path: Path, value: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value + "\n")
+
+
+def _pem(certificate) -> bytes:
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def init_instance(options: InitOptions) -> dict[str, str]:
+    """Create the instance; returns paths and the one-time operator credential."""
+    directory = options.directory.resolve()
+    if (directory / "config.toml").exists() or (directory.exists() and any(
+            directory.iterdir())):
+        raise InstanceExists(f"{directory} is not empty; refusing to overwrite an "
+                             "instance (choose a new --dir)")
+    for sub in ("ca", "tls", "secrets"):
+        (directory / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+    config: dict = {
+        "server": {"public_url": f"https://{options.hostnames[0]}:{options.port}",
+                   "port": options.port},
+        "tls": {"cert": "tls/server.pem", "key": "tls/server.key"},
+        "database": {"url": "sqlite:///enroll.db"},
+        "ca": {"backend": options.ca_key, "certificate": "ca/issuing-ca.pem",
+               "root_certificate": "ca/root-ca.pem"},
+    }
+
+    root_key = ec.generate_private_key(ec.SECP384R1())
+    root_passphrase = secrets.token_urlsafe(24)
+    _write_secret(directory / "secrets/root-ca.pass", root_passphrase)
+    write_file_private_key(directory / "ca/root-ca.key", root_key, root_passphrase.encode())
+    root_certificate = hierarchy.make_root_ca(root_key, options.organization)
+    (directory / "ca/root-ca.pem").write_bytes(_pem(root_certificate))
+
+    issuing_key, issuing_public = _create_issuing_key(options, directory, config)
+    issuing_certificate = hierarchy.make_issuing_ca(issuing_public, root_certificate,
+                                                    root_key, options.organization)
+    (directory / "ca/issuing-ca.pem").write_bytes(_pem(issuing_certificate))
+    (directory / "ca/ca-chain.pem").write_bytes(_pem(issuing_certificate)
+                                                + _pem(root_certificate))
+
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    write_file_private_key(directory / "tls/server.key", server_key, None)
+    server_certificate = hierarchy.make_tls_server_certificate(
+        server_key.public_key(), issuing_certificate, issuing_key, list(options.hostnames))
+    (directory / "tls/server.pem").write_bytes(_pem(server_certificate)
+                                               + _pem(issuing_certificate))
+
+    operator_credential = "op_" + secrets.token_urlsafe(32)
+    _write_secret(directory / "secrets/operator.token", operator_credential)
+    config["operator"] = {
+        "credential_sha256": hashlib.sha256(operator_credential.encode()).hexdigest()}
+    (directory / "config.toml").write_text(tomli_w.dumps(config))
+
+    settings = load_settings(directory / "config.toml", environ={})
+    database = open_database(settings.database.url, settings.instance_dir)
+    with database.connection_context():
+        migrate(database)
+    repository = Repository(database)
+    repository.create_group("default", **DEFAULT_GROUP)
+    repository.audit(actor=f"operator:{_whoami()}", action="instance.init",
+                     outcome="success", detail={"ca_key": options.ca_key,
+                                                "directory": str(directory)})
+    database.close()
+    return {"directory": str(directory), "config": str(directory / "config.toml"),
+            "trust_anchor": str(directory / "ca/ca-chain.pem"),
+            "operator_credential_file": str(directory / "secrets/operator.token")}
+
+
+def _create_issuing_key(options: InitOptions, directory: Path, config: dict):
+    if options.ca_key == "file":
+        key = ec.generate_private_key(ec.SECP256R1())
+        passphrase = secrets.token_urlsafe(24)
+        _write_secret(directory / "secrets/issuing-ca.pass", passphrase)
+        write_file_private_key(directory / "ca/issuing-ca.key", key, passphrase.encode())
+        config["ca"].update(key_file="ca/issuing-ca.key",
+                            key_passphrase_file="secrets/issuing-ca.pass")
+        return load_file_private_key(directory / "ca/issuing-ca.key",
+                                     passphrase.encode()), key.public_key()
+    module = options.pkcs11_module or SOFTHSM_MODULE
+    pkcs11: dict = {"module": str(module), "token_label": options.token_label,
+                    "key_label": "issuing-ca"}
+    if options.pkcs11_module is None:
+        softhsm_conf = directory / "softhsm/softhsm2.conf"
+        pin = secrets.token_hex(8)
+        _write_secret(directory / "secrets/hsm.pin", pin)
+        _write_secret(directory / "secrets/hsm-so.pin", secrets.token_hex(8))
+        init_softhsm_token(softhsm_conf, directory / "softhsm/tokens", options.token_label,
+                           pin, (directory / "secrets/hsm-so.pin").read_text().strip())
+        os.environ["SOFTHSM2_CONF"] = str(softhsm_conf)
+        pkcs11.update(softhsm_conf="softhsm/softhsm2.conf", pin_file="secrets/hsm.pin")
+    else:
+        if options.pin_file is None:
+            raise ValueError("--pin-file is required with --pkcs11-module")
+        pin = options.pin_file.read_text().strip()
+        pkcs11["pin_file"] = str(options.pin_file.resolve())
+    public_key = generate_pkcs11_ec_key(module, options.token_label, "issuing-ca", pin)
+    config["ca"]["pkcs11"] = pkcs11
+    return Pkcs11PrivateKey(module, options.token_label, "issuing-ca", pin), public_key
+
+
+def _whoami() -> str:
+    try:
+        import getpass
+
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())

@@ -1,0 +1,133 @@
+"""Pure checks of a PKCS#10 request (RFC 2986) against an enrollment group's key policy.
+
+Order matters for cost: shape checks first (no crypto), then the signature, then policy.
+Every refusal is a typed error with a stable code; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from ..ca.profiles import KEY_TYPES, MIN_RSA_BITS, is_topic_safe, key_type_of
+from ..errors import BadRequest, PolicyRefused
+
+_BASE64_ALPHABET = set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+_WHITESPACE = b" \t\r\n"
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    allowed_key_types: tuple[str, ...] = ("ec-p256", "ec-p384")
+    min_rsa_bits: int = MIN_RSA_BITS
+
+    def __post_init__(self) -> None:
+        unknown = set(self.allowed_key_types) - set(KEY_TYPES)
+        if unknown:
+            raise ValueError(f"unknown key types: {sorted(unknown)}")
+        if self.min_rsa_bits < MIN_RSA_BITS:
+            raise ValueError(f"min_rsa_bits must be at least {MIN_RSA_BITS}")
+
+
+def decode_est_base64(body: bytes) -> bytes:
+    """RFC 8951 3: EST bodies are base64 (RFC 4648 4) with optional line breaks.
+
+    Strict: any character outside the alphabet and whitespace, or bad padding, refuses.
+    """
+    compact = bytes(b for b in body if b not in _WHITESPACE)
+    if not compact:
+        raise BadRequest("The request body is empty.", code="csr.empty")
+    if not set(compact) <= _BASE64_ALPHABET:
+        raise BadRequest("The body is not base64 (RFC 8951).", code="csr.not_base64")
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("The body is not valid base64 (RFC 8951).",
+                         code="csr.not_base64") from None
+
+
+def parse_csr(der: bytes) -> x509.CertificateSigningRequest:
+    """DER PKCS#10 with nothing before or after it."""
+    try:
+        return x509.load_der_x509_csr(der)
+    except ValueError as exc:
+        if "ExtraData" in str(exc):
+            raise BadRequest("The CSR has trailing bytes after its DER encoding.",
+                             code="csr.trailing_data") from None
+        raise BadRequest("The CSR is not a valid DER PKCS#10 request.",
+                         code="csr.malformed", detail=f"parse error: {exc}") from None
+
+
+def public_key_sha256(public_key: object) -> str:
+    """Hex SHA-256 of the SubjectPublicKeyInfo: how a key is recognised across requests."""
+    spki = public_key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
+
+
+def check_signature(csr: x509.CertificateSigningRequest) -> None:
+    """RFC 2986 4.2: the requester proves possession by signing the request."""
+    try:
+        valid = csr.is_signature_valid
+    except Exception:  # noqa: BLE001 - unsupported algorithms raise various errors
+        valid = False
+    if not valid:
+        raise BadRequest("The CSR signature does not verify.", code="csr.bad_signature")
+
+
+def check_key(csr: x509.CertificateSigningRequest, policy: KeyPolicy) -> str:
+    """The CSR's key type, if the group allows it (SECURITY-CHECKLIST 6)."""
+    try:
+        public_key = csr.public_key()
+    except Exception:  # noqa: BLE001 - unknown key algorithms
+        raise PolicyRefused("The CSR key algorithm is not supported.",
+                            code="csr.key_type_not_allowed") from None
+    key_type = key_type_of(public_key)
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < policy.min_rsa_bits:
+            raise PolicyRefused(f"RSA keys must have at least {policy.min_rsa_bits} bits.",
+                                code="csr.weak_key",
+                                detail=f"RSA key of {public_key.key_size} bits")
+        if public_key.public_numbers().e < 65537:
+            raise PolicyRefused("RSA public exponent is too small.", code="csr.weak_key")
+    if key_type not in policy.allowed_key_types:
+        raise PolicyRefused("This key type is not allowed for the enrollment group; allowed: "
+                            + ", ".join(policy.allowed_key_types) + ".",
+                            code="csr.key_type_not_allowed", detail=f"key type {key_type}")
+    return key_type
+
+
+def requested_common_name(csr: x509.CertificateSigningRequest) -> str | None:
+    """The single CN the CSR asks for, or None. Refuses subjects that could not become a
+    topic level or broker username (SECURITY-CHECKLIST 7)."""
+    try:
+        subject = csr.subject
+        list(subject)  # decodes every attribute value
+    except ValueError:
+        raise BadRequest("The subject is not valid (e.g. invalid UTF-8).",
+                         code="csr.bad_subject") from None
+    for rdn in subject.rdns:
+        if len(rdn) != 1:
+            raise BadRequest("Multi-valued RDNs are not accepted in the subject.",
+                             code="csr.bad_subject")
+    common_names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(common_names) > 1:
+        raise BadRequest("The subject has more than one CN.", code="csr.bad_subject")
+    for attribute in subject:
+        value = attribute.value
+        if isinstance(value, bytes):
+            raise BadRequest("Subject attributes must be strings.", code="csr.bad_subject")
+        if attribute.oid == NameOID.COMMON_NAME and not is_topic_safe(value):
+            raise BadRequest("The CN must be 1-64 characters of A-Z a-z 0-9 . _ - "
+                             "(it becomes an MQTT topic level).", code="csr.bad_subject")
+        if any(ch in value for ch in "/+#\x00") or not value.isprintable():
+            raise BadRequest("Subject attributes may not contain '/', '+', '#', NUL or "
+                             "control characters.", code="csr.bad_subject")
+    return common_names[0].value if common_names else None  # type: ignore[return-value]

@@ -1,0 +1,93 @@
+"""The production server: gunicorn, multi-process, threaded workers, TLS 1.2+.
+
+Each worker builds its own application (no preload), so every worker process has its
+own PKCS#11 session and database connection (SoftHSM is not fork- or thread-safe:
+FIELD-NOTES). The TLS context asks for a client certificate (CERT_OPTIONAL) trusted by
+the issuing CA or a bootstrap CA; the application re-checks expiry, revocation and group
+policy itself, so the handshake skips the time check (X509_V_FLAG_NO_CHECK_TIME) and an
+expired device certificate earns a clear EST error instead of a TLS alert.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+
+from gunicorn.app.base import BaseApplication
+
+from .config import Settings, load_settings
+
+X509_V_FLAG_NO_CHECK_TIME = 0x200000  # OpenSSL x509_vfy.h
+
+
+def client_trust_bundle(settings: Settings) -> str:
+    """PEM of every CA whose certificates may authenticate a client over TLS."""
+    from .store.db import open_database
+    from .store.models import EnrollmentGroup
+
+    parts = [settings.ca.certificate.read_text()]
+    if settings.ca.root_certificate.exists():
+        parts.append(settings.ca.root_certificate.read_text())
+    database = open_database(settings.database.url, settings.instance_dir)
+    with database.connection_context():
+        if database.table_exists(EnrollmentGroup._meta.table_name):
+            parts.extend(g.bootstrap_ca_pem for g in EnrollmentGroup.select()
+                         if g.bootstrap_ca_pem.strip())
+    database.close()
+    return "\n".join(parts)
+
+
+def make_ssl_context(settings: Settings, trust_bundle: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = (ssl.TLSVersion.TLSv1_3 if settings.tls.min_version == "1.3"
+                               else ssl.TLSVersion.TLSv1_2)
+    context.load_cert_chain(settings.tls.cert, settings.tls.key)
+    context.verify_mode = ssl.CERT_OPTIONAL
+    context.load_verify_locations(cadata=trust_bundle)
+    context.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
+    return context
+
+
+class EnrollServer(BaseApplication):
+    def __init__(self, config_path: Path, settings: Settings) -> None:
+        self.config_path = config_path
+        self.settings = settings
+        self.trust_bundle = client_trust_bundle(settings)
+        super().__init__()
+
+    def load_config(self) -> None:
+        server = self.settings.server
+        trust_bundle = self.trust_bundle
+        settings = self.settings
+        self.cfg.set("bind", [f"{server.bind}:{server.port}"])
+        self.cfg.set("workers", server.workers)
+        self.cfg.set("threads", server.threads)
+        self.cfg.set("worker_class", "gthread")
+        self.cfg.set("keepalive", 30)
+        self.cfg.set("timeout", 60)
+        self.cfg.set("graceful_timeout", 10)
+        self.cfg.set("certfile", str(settings.tls.cert))
+        self.cfg.set("keyfile", str(settings.tls.key))
+        self.cfg.set("proc_name", "enroll-server")
+        self.cfg.set("ssl_context", lambda conf, factory: make_ssl_context(settings,
+                                                                            trust_bundle))
+
+    def load(self):
+        from .app import create_app
+
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(process)d %(levelname)s %(name)s "
+                                   "%(message)s")
+        return create_app(load_settings(self.config_path))
+
+
+def serve(config_path: Path, port: int | None = None, workers: int | None = None) -> None:
+    import os
+
+    if port is not None:
+        os.environ["ENROLL_SERVER__PORT"] = str(port)
+    if workers is not None:
+        os.environ["ENROLL_SERVER__WORKERS"] = str(workers)
+    settings = load_settings(config_path)
+    EnrollServer(config_path, settings).run()

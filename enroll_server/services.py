@@ -1,0 +1,79 @@
+"""Builds the object graph from Settings: database, repository, CA signer, services.
+
+Nothing below this module reads the environment or configuration files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import peewee as pw
+from cryptography import x509
+
+from .ca.signer import Signer
+from .config import Settings
+from .enrollment import EnrollmentService
+from .ratelimit import RateLimiter
+from .store.db import migrate, open_database
+from .store.repository import Repository
+
+
+@dataclass
+class Services:
+    settings: Settings
+    database: pw.Database
+    repository: Repository
+    signer: Signer
+    enrollment: EnrollmentService
+    rate_limiter: RateLimiter
+
+
+def read_secret(path: os.PathLike[str]) -> str:
+    with open(path) as handle:
+        return handle.read().strip()
+
+
+def load_ca_key(settings: Settings):  # -> cryptography private key (file or PKCS#11)
+    """The issuing CA key. PKCS#11 never falls back to a file key, whatever happens."""
+    ca = settings.ca
+    if ca.backend == "file":
+        from .ca.keys import load_file_private_key
+
+        passphrase = (read_secret(ca.key_passphrase_file).encode()
+                      if ca.key_passphrase_file else None)
+        return load_file_private_key(ca.key_file, passphrase)
+    from .ca.keys import Pkcs11PrivateKey
+
+    if ca.pkcs11.softhsm_conf is not None:
+        # SoftHSM reads its configuration once, when the module is initialised.
+        os.environ["SOFTHSM2_CONF"] = str(ca.pkcs11.softhsm_conf)
+    return Pkcs11PrivateKey(ca.pkcs11.module, ca.pkcs11.token_label, ca.pkcs11.key_label,
+                            read_secret(ca.pkcs11.pin_file),
+                            reconnect_backoff=ca.pkcs11.reconnect_backoff_seconds)
+
+
+def load_signer(settings: Settings) -> Signer:
+    ca_certificate = x509.load_pem_x509_certificate(settings.ca.certificate.read_bytes())
+    chain: tuple[x509.Certificate, ...] = ()
+    if settings.ca.root_certificate.exists():
+        chain = tuple(x509.load_pem_x509_certificates(
+            settings.ca.root_certificate.read_bytes()))
+    return Signer(ca_certificate, load_ca_key(settings), chain)
+
+
+def open_store(settings: Settings) -> tuple[pw.Database, Repository]:
+    database = open_database(settings.database.url, settings.instance_dir)
+    with database.connection_context():
+        migrate(database)
+    return database, Repository(database)
+
+
+def build_services(settings: Settings) -> Services:
+    database, repository = open_store(settings)
+    signer = load_signer(settings)
+    return Services(
+        settings=settings, database=database, repository=repository, signer=signer,
+        enrollment=EnrollmentService(settings, repository, signer),
+        rate_limiter=RateLimiter(settings.server.rate_limit_per_second,
+                                 settings.server.rate_limit_burst))

@@ -1,0 +1,113 @@
+"""peewee models. One database proxy, bound at start to SQLite (default) or PostgreSQL.
+
+Times are stored as naive UTC datetimes. Certificate serials are stored as decimal text
+(they exceed 64-bit integers) with a unique index: RFC 5280 4.1.2.2 requires uniqueness
+per issuer and SECURITY-CHECKLIST item 17 requires the database to enforce it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import peewee as pw
+
+database_proxy = pw.DatabaseProxy()
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class BaseModel(pw.Model):
+    class Meta:
+        database = database_proxy
+        legacy_table_names = False
+
+
+class SchemaVersion(BaseModel):
+    version = pw.IntegerField()
+    applied_at = pw.DateTimeField(default=utcnow)
+
+
+class EnrollmentGroup(BaseModel):
+    name = pw.CharField(max_length=64, unique=True)
+    # Authorisation methods the group accepts for simpleenroll: "token", "bootstrap", "tpm".
+    auth_methods = pw.CharField(max_length=64, default="token")
+    lifetime_days = pw.IntegerField(default=365)
+    # Comma-separated key types from ca.profiles.KEY_TYPES ("ec-p256,ec-p384,rsa").
+    key_types = pw.CharField(max_length=128, default="ec-p256,ec-p384")
+    min_rsa_bits = pw.IntegerField(default=2048)
+    requires_approval = pw.BooleanField(default=False)
+    # PEM bundle of bootstrap (factory / IDevID) CA certificates trusted for enrollment.
+    bootstrap_ca_pem = pw.TextField(default="")
+    created_at = pw.DateTimeField(default=utcnow)
+
+
+class Device(BaseModel):
+    device_id = pw.CharField(max_length=64, unique=True)
+    group = pw.ForeignKeyField(EnrollmentGroup, backref="devices", on_delete="RESTRICT")
+    # "pending" (awaiting approval), "active", "revoked".
+    status = pw.CharField(max_length=16, default="active")
+    # How the identity was first proven, and the pin that keeps it: e.g. the SHA-256 of the
+    # bootstrap certificate's public key, or of the TPM EK public key.
+    enrolled_by = pw.CharField(max_length=16)
+    identity_pin = pw.CharField(max_length=128, default="")
+    created_at = pw.DateTimeField(default=utcnow)
+    updated_at = pw.DateTimeField(default=utcnow)
+
+
+class Certificate(BaseModel):
+    serial = pw.CharField(max_length=64, unique=True)
+    device = pw.ForeignKeyField(Device, backref="certificates", on_delete="RESTRICT")
+    fingerprint_sha256 = pw.CharField(max_length=64, unique=True)
+    public_key_sha256 = pw.CharField(max_length=64, index=True)
+    subject = pw.CharField(max_length=256)
+    not_before = pw.DateTimeField()
+    not_after = pw.DateTimeField(index=True)
+    der = pw.BlobField()
+    # "active", "superseded" (replaced by a re-enrollment), "revoked".
+    status = pw.CharField(max_length=16, default="active", index=True)
+    revoked_at = pw.DateTimeField(null=True)
+    revocation_reason = pw.CharField(max_length=32, null=True)
+    issued_via = pw.CharField(max_length=16)
+    created_at = pw.DateTimeField(default=utcnow)
+
+
+class EnrollmentToken(BaseModel):
+    # SHA-256 of the bearer secret: the secret itself is shown once and never stored.
+    token_sha256 = pw.CharField(max_length=64, unique=True)
+    group = pw.ForeignKeyField(EnrollmentGroup, backref="tokens", on_delete="CASCADE")
+    device_id = pw.CharField(max_length=64, null=True)
+    created_by = pw.CharField(max_length=64)
+    created_at = pw.DateTimeField(default=utcnow)
+    expires_at = pw.DateTimeField()
+    used_at = pw.DateTimeField(null=True)
+    used_by_device = pw.CharField(max_length=64, null=True)
+
+
+class PendingRequest(BaseModel):
+    """A simpleenroll held for manual approval (RFC 7030 4.2.3)."""
+
+    group = pw.ForeignKeyField(EnrollmentGroup, on_delete="CASCADE")
+    device_id = pw.CharField(max_length=64)
+    public_key_sha256 = pw.CharField(max_length=64, unique=True)
+    credential = pw.CharField(max_length=128)  # token hash or bootstrap key pin
+    status = pw.CharField(max_length=16, default="pending")  # pending/approved/rejected
+    decided_by = pw.CharField(max_length=64, null=True)
+    created_at = pw.DateTimeField(default=utcnow)
+
+
+class AuditEvent(BaseModel):
+    at = pw.DateTimeField(default=utcnow, index=True)
+    actor = pw.CharField(max_length=128)  # "device:<id>", "operator:<name>", "anonymous"
+    action = pw.CharField(max_length=64)  # "est.simpleenroll", "group.create", ...
+    outcome = pw.CharField(max_length=16)  # "success", "refused", "pending", "error"
+    code = pw.CharField(max_length=64, default="")
+    device_id = pw.CharField(max_length=64, null=True, index=True)
+    group_name = pw.CharField(max_length=64, null=True)
+    remote_addr = pw.CharField(max_length=64, null=True)
+    detail = pw.TextField(default="")
+
+
+ALL_MODELS = [SchemaVersion, EnrollmentGroup, Device, Certificate, EnrollmentToken,
+              PendingRequest, AuditEvent]

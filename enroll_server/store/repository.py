@@ -1,0 +1,202 @@
+"""Transactions over the models. The only module that writes enrollment state.
+
+SQLite "database is locked" after the busy timeout, and lost PostgreSQL connections, are
+turned into StoreUnavailable (503 + Retry-After), never a 500 (SECURITY-CHECKLIST 20).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import peewee as pw
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from ..errors import Conflict, NotFound, StoreUnavailable
+from ..policy.csr import public_key_sha256
+from .models import (
+    AuditEvent,
+    Certificate,
+    Device,
+    EnrollmentGroup,
+    EnrollmentToken,
+    PendingRequest,
+    utcnow,
+)
+
+T = TypeVar("T")
+
+
+def token_sha256(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def naive_utc(value: dt.datetime) -> dt.datetime:
+    return value.astimezone(dt.UTC).replace(tzinfo=None) if value.tzinfo else value
+
+
+class Repository:
+    def __init__(self, database: pw.Database) -> None:
+        self.database = database
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One atomic unit; storage faults become StoreUnavailable."""
+        try:
+            self.database.connect(reuse_if_open=True)
+            with self.database.atomic():
+                yield
+        except (pw.OperationalError, pw.InterfaceError) as exc:
+            if not self.database.in_transaction():
+                self.database.close()  # a dropped connection is reopened next time
+            raise StoreUnavailable(detail=f"database error: {exc}") from None
+
+    def run(self, work: Callable[[], T]) -> T:
+        with self.transaction():
+            return work()
+
+    # -- enrollment groups -------------------------------------------------------------
+    def create_group(self, name: str, **fields: Any) -> EnrollmentGroup:
+        with self.transaction():
+            if EnrollmentGroup.get_or_none(EnrollmentGroup.name == name):
+                raise Conflict(f"Enrollment group {name!r} already exists.",
+                               code="group.exists")
+            return EnrollmentGroup.create(name=name, **fields)
+
+    def group(self, name: str) -> EnrollmentGroup:
+        with self.transaction():
+            group = EnrollmentGroup.get_or_none(EnrollmentGroup.name == name)
+        if group is None:
+            raise NotFound(f"No enrollment group named {name!r}.", code="group.not_found")
+        return group
+
+    def groups(self) -> list[EnrollmentGroup]:
+        with self.transaction():
+            return list(EnrollmentGroup.select().order_by(EnrollmentGroup.name))
+
+    # -- enrollment tokens ------------------------------------------------------------
+    def create_token(self, group: EnrollmentGroup, ttl: dt.timedelta, created_by: str,
+                     device_id: str | None = None) -> tuple[str, EnrollmentToken]:
+        """A one-time bearer secret (256 bits); only its SHA-256 is stored."""
+        secret = "et_" + secrets.token_urlsafe(32)
+        with self.transaction():
+            row = EnrollmentToken.create(
+                token_sha256=token_sha256(secret), group=group, device_id=device_id,
+                created_by=created_by, expires_at=utcnow() + ttl)
+        return secret, row
+
+    def find_token(self, secret: str) -> EnrollmentToken | None:
+        """Look up by hash. The index lookup is on a hash of a 256-bit secret, so its
+        timing reveals nothing useful; the final comparison is constant time anyway."""
+        digest = token_sha256(secret)
+        row = EnrollmentToken.get_or_none(EnrollmentToken.token_sha256 == digest)
+        if row is None or not hmac.compare_digest(row.token_sha256, digest):
+            return None
+        return row
+
+    def consume_token(self, token: EnrollmentToken, device_id: str) -> bool:
+        """Mark used exactly once; False when another request won the race."""
+        updated = (EnrollmentToken.update(used_at=utcnow(), used_by_device=device_id)
+                   .where((EnrollmentToken.id == token.id)
+                          & (EnrollmentToken.used_at.is_null()))
+                   .execute())
+        return updated == 1
+
+    # -- devices and certificates -----------------------------------------------------
+    def device(self, device_id: str) -> Device | None:
+        return Device.get_or_none(Device.device_id == device_id)
+
+    def certificate_by_fingerprint(self, fingerprint: str) -> Certificate | None:
+        return Certificate.get_or_none(Certificate.fingerprint_sha256 == fingerprint)
+
+    def active_certificate_for_key(self, device: Device, key_sha256: str) -> Certificate | None:
+        return (Certificate.select()
+                .where((Certificate.device == device)
+                       & (Certificate.public_key_sha256 == key_sha256)
+                       & (Certificate.status == "active"))
+                .order_by(Certificate.id.desc()).first())
+
+    def supersede_active_certificates(self, device: Device) -> int:
+        """A device holds one active certificate: older ones become superseded."""
+        return (Certificate.update(status="superseded")
+                .where((Certificate.device == device) & (Certificate.status == "active"))
+                .execute())
+
+    def record_certificate(self, device: Device, certificate: x509.Certificate,
+                           issued_via: str) -> Certificate:
+        """Store an issued certificate; call inside the enrollment transaction."""
+        der = certificate.public_bytes(serialization.Encoding.DER)
+        return Certificate.create(
+            serial=str(certificate.serial_number), device=device,
+            fingerprint_sha256=certificate.fingerprint(hashes.SHA256()).hex(),
+            public_key_sha256=public_key_sha256(certificate.public_key()),
+            subject=certificate.subject.rfc4514_string(),
+            not_before=naive_utc(certificate.not_valid_before_utc),
+            not_after=naive_utc(certificate.not_valid_after_utc),
+            der=der, issued_via=issued_via)
+
+    def serial_exists(self, serial: int) -> bool:
+        return Certificate.select().where(Certificate.serial == str(serial)).exists()
+
+    def devices(self, group: str | None = None) -> list[Device]:
+        with self.transaction():
+            query = Device.select(Device, EnrollmentGroup).join(EnrollmentGroup)
+            if group:
+                query = query.where(EnrollmentGroup.name == group)
+            return list(query.order_by(Device.device_id))
+
+    def certificates(self, device_id: str | None = None, status: str | None = None,
+                     limit: int = 1000) -> list[Certificate]:
+        with self.transaction():
+            query = Certificate.select(Certificate, Device).join(Device)
+            if device_id:
+                query = query.where(Device.device_id == device_id)
+            if status:
+                query = query.where(Certificate.status == status)
+            return list(query.order_by(Certificate.id.desc()).limit(limit))
+
+    # -- manual approval (RFC 7030 4.2.3) ---------------------------------------------
+    def pending_request(self, key_sha256: str) -> PendingRequest | None:
+        return PendingRequest.get_or_none(PendingRequest.public_key_sha256 == key_sha256)
+
+    def decide_pending(self, device_id: str, approve: bool, operator: str) -> int:
+        with self.transaction():
+            return (PendingRequest.update(status="approved" if approve else "rejected",
+                                          decided_by=operator)
+                    .where((PendingRequest.device_id == device_id)
+                           & (PendingRequest.status == "pending"))
+                    .execute())
+
+    def pending_requests(self) -> list[PendingRequest]:
+        with self.transaction():
+            return list(PendingRequest.select(PendingRequest, EnrollmentGroup)
+                        .join(EnrollmentGroup)
+                        .where(PendingRequest.status == "pending"))
+
+    # -- audit ------------------------------------------------------------------------
+    def audit(self, *, actor: str, action: str, outcome: str, code: str = "",
+              device_id: str | None = None, group: str | None = None,
+              remote_addr: str | None = None, detail: dict[str, Any] | str = "") -> None:
+        """Append an audit event in its own transaction (it must survive a rollback of
+        the work it describes)."""
+        text = detail if isinstance(detail, str) else json.dumps(detail, sort_keys=True,
+                                                                 default=str)
+        with self.transaction():
+            AuditEvent.create(actor=actor, action=action, outcome=outcome, code=code,
+                              device_id=device_id, group_name=group,
+                              remote_addr=remote_addr, detail=text)
+
+    def audit_events(self, device_id: str | None = None, limit: int = 100
+                     ) -> list[AuditEvent]:
+        with self.transaction():
+            query = AuditEvent.select()
+            if device_id:
+                query = query.where(AuditEvent.device_id == device_id)
+            return list(query.order_by(AuditEvent.id.desc()).limit(limit))

@@ -1,0 +1,1 @@
+"""Simulated devices and fleets (swtpm), the demo, and the benchmarks."""

@@ -1,0 +1,54 @@
+"""pytest plugin: private PostgreSQL / Mosquitto fixtures.
+
+Load with ``-p tests.support.fixtures`` or ``pytest_plugins = ["tests.support.fixtures"]``.
+A missing server binary makes the fixture raise, so dependent tests error out
+(they are never skipped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.services import PrivateMosquitto, PrivatePostgres
+
+_timings: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PrivatePostgres]:
+    """One private PostgreSQL cluster (or $ENROLL_TEST_POSTGRES_URL) per session."""
+    with PrivatePostgres() as pg:
+        if pg.external:
+            _timings.append(f"postgres: external server {pg.port} (no start)")
+        else:
+            _timings.append(
+                f"postgres: initdb {pg.initdb_seconds:.2f}s + start {pg.start_seconds:.2f}s"
+            )
+        yield pg
+
+
+@pytest.fixture
+def pg_url(postgres: PrivatePostgres) -> Iterator[str]:
+    """URL of a fresh, empty database for this test; dropped afterwards."""
+    url = postgres.create_database()
+    yield url
+    postgres.drop_database(url)
+
+
+@pytest.fixture
+def mosquitto() -> Iterator[PrivateMosquitto]:
+    """A private Mosquitto broker for this test."""
+    with PrivateMosquitto() as broker:
+        _timings.append(f"mosquitto: start {broker.start_seconds:.3f}s")
+        yield broker
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _timings:
+        terminalreporter.section("private service start times")
+        for line in _timings[:20]:
+            terminalreporter.write_line(line)
+        if len(_timings) > 20:
+            terminalreporter.write_line(f"... and {len(_timings) - 20} more")
