@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 
 from .config import ConfigError, load_settings
-from .errors import EnrollError
 
 EPILOG = """\b
 Examples:

@@ -38,8 +38,6 @@ from .store.db import migrate, open_database
 from .store.repository import Repository
 
 SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
-DEFAULT_GROUP = {"auth_methods": "token,bootstrap", "lifetime_days": 365,
-                 "key_types": "ec-p256,ec-p384,rsa", "min_rsa_bits": 2048}
 
 
 @dataclass(frozen=True)
@@ -119,7 +117,6 @@ def init_instance(options: InitOptions) -> dict[str, str]:
     with database.connection_context():
         migrate(database)
     repository = Repository(database)
-    repository.create_group("default", **DEFAULT_GROUP)
     repository.audit(actor=f"operator:{_whoami()}", action="instance.init",
                      outcome="success", detail={"ca_key": options.ca_key,
                                                 "directory": str(directory)})

@@ -62,10 +62,9 @@ class CertProfile:
             raise ValueError("lifetime must be positive")
 
     def subject(self) -> x509.Name:
-        return x509.Name([
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, self.group),
-            x509.NameAttribute(NameOID.COMMON_NAME, self.device_id),
-        ])
+        """CN = device id, nothing else: the broker username and the renewal subject
+        (RFC 7030 4.2.2 wants it repeated verbatim) stay trivial."""
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.device_id)])
 
     def validity(self, issuer: x509.Certificate, now: dt.datetime) -> tuple[dt.datetime,
                                                                            dt.datetime]:

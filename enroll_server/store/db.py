@@ -8,7 +8,11 @@ from pathlib import Path
 import peewee as pw
 from playhouse.db_url import connect as connect_url
 
-from .models import ALL_MODELS, SchemaVersion, database_proxy
+from .models import ALL_MODELS, EnrollmentGroup, SchemaVersion, database_proxy
+
+# The group every instance starts with; its name is also the EST path without a label.
+DEFAULT_GROUP = {"name": "default", "auth_methods": "token,bootstrap", "lifetime_days": 365,
+                 "key_types": "ec-p256,ec-p384,rsa", "min_rsa_bits": 2048}
 
 # SQLite: WAL so readers never block the writer; FULL so a committed revocation survives
 # power loss (FIELD-NOTES: ~9.6k commits/s); a busy timeout so concurrent workers wait
@@ -37,6 +41,7 @@ def open_database(url: str, instance_dir: Path | None = None) -> pw.Database:
 
 def _create_initial_schema(database: pw.Database) -> None:
     database.create_tables(ALL_MODELS)
+    EnrollmentGroup.create(**DEFAULT_GROUP)
 
 
 # Forward migrations, in order. Each runs in one transaction and bumps the version.

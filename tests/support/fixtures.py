@@ -7,10 +7,12 @@ A missing server binary makes the fixture raise, so dependent tests error out
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 
 import pytest
 
+from simulators.served import ServedInstance
 from tests.support.services import PrivateMosquitto, PrivatePostgres
 
 _timings: list[str] = []
@@ -52,3 +54,25 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(line)
         if len(_timings) > 20:
             terminalreporter.write_line(f"... and {len(_timings) - 20} more")
+
+
+@pytest.fixture(scope="session")
+def est_instance() -> Iterator[ServedInstance]:
+    """One served instance (PKCS#11 CA key in SoftHSM, SQLite) shared by the session.
+
+    Tests sharing it use their own device ids and tokens; tests that change the
+    instance's configuration or break its HSM start their own ServedInstance.
+    """
+    instance = ServedInstance()
+    try:
+        with instance:
+            yield instance
+    finally:
+        instance.cleanup()
+
+
+def db_count(instance: ServedInstance, table: str, where: str = "1=1") -> int:
+    """Rows in an instance's SQLite table (read-only): for "nothing written" checks."""
+    uri = f"file:{instance.dir / 'enroll.db'}?mode=ro"
+    with sqlite3.connect(uri, uri=True, timeout=10) as connection:
+        return connection.execute(f"SELECT COUNT(*) FROM {table} WHERE {where}").fetchone()[0]
