@@ -42,6 +42,6 @@ def test_token_enrollment_issues_a_profiled_certificate_and_records_it(est_insta
     assert cdp[0].full_name[0].value.endswith("/crl/issuing-ca.crl")
     assert db_count(est_instance, "certificate",
                     f"serial = '{certificate.serial_number}' AND status = 'active'") == 1
-    assert db_count(est_instance, "auditevent",
+    assert db_count(est_instance, "audit_event",
                     "action = 'est.simpleenroll' AND outcome = 'success' "
                     "AND device_id = 'smoke-1'") == 1
