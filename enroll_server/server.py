@@ -23,7 +23,7 @@ X509_V_FLAG_NO_CHECK_TIME = 0x200000  # OpenSSL x509_vfy.h
 
 def client_trust_bundle(settings: Settings) -> str:
     """PEM of every CA whose certificates may authenticate a client over TLS."""
-    from .store.db import open_database
+    from .store.db import migrate, open_database
     from .store.models import EnrollmentGroup
 
     parts = [settings.ca.certificate.read_text()]
@@ -31,9 +31,9 @@ def client_trust_bundle(settings: Settings) -> str:
         parts.append(settings.ca.root_certificate.read_text())
     database = open_database(settings.database.url, settings.instance_dir)
     with database.connection_context():
-        if database.table_exists(EnrollmentGroup._meta.table_name):
-            parts.extend(g.bootstrap_ca_pem for g in EnrollmentGroup.select()
-                         if g.bootstrap_ca_pem.strip())
+        migrate(database)  # once, in the master, before workers start
+        parts.extend(g.bootstrap_ca_pem for g in EnrollmentGroup.select()
+                     if g.bootstrap_ca_pem.strip())
     database.close()
     return "\n".join(parts)
 
@@ -70,6 +70,8 @@ class EnrollServer(BaseApplication):
         self.cfg.set("certfile", str(settings.tls.cert))
         self.cfg.set("keyfile", str(settings.tls.key))
         self.cfg.set("proc_name", "enroll-server")
+        if "control_socket_disable" in self.cfg.settings:  # gunicorn >= 24
+            self.cfg.set("control_socket_disable", True)
         self.cfg.set("ssl_context", lambda conf, factory: make_ssl_context(settings,
                                                                             trust_bundle))
 

@@ -59,17 +59,39 @@ def current_version(database: pw.Database) -> int:
     return int(latest or 0)
 
 
+def _migration_transaction(database: pw.Database):
+    """One transaction that no other migrating process can enter: replicas and gunicorn
+    workers may start together (SQLite: BEGIN IMMEDIATE; PostgreSQL: advisory lock)."""
+    if isinstance(database, pw.SqliteDatabase):
+        return database.atomic("IMMEDIATE")
+    return _PostgresMigrationLock(database)
+
+
+class _PostgresMigrationLock:
+    LOCK_ID = 70307030  # any constant; RFC 7030 for luck
+
+    def __init__(self, database: pw.Database) -> None:
+        self.database = database
+        self.transaction = database.atomic()
+
+    def __enter__(self) -> None:
+        self.transaction.__enter__()
+        self.database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (self.LOCK_ID,))
+
+    def __exit__(self, *exc: object) -> None:
+        self.transaction.__exit__(*exc)
+
+
 def migrate(database: pw.Database) -> int:
-    """Apply pending migrations; returns the resulting schema version."""
-    version = current_version(database)
-    if version > SCHEMA_VERSION:
-        raise RuntimeError(f"database schema version {version} is newer than this "
-                           f"software ({SCHEMA_VERSION}); upgrade the software")
-    for target, step in MIGRATIONS:
-        if target <= version:
-            continue
-        with database.atomic():
-            step(database)
-            SchemaVersion.create(version=target)
-        version = target
+    """Apply pending migrations in one locked transaction; returns the schema version."""
+    with _migration_transaction(database):
+        version = current_version(database)
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"database schema version {version} is newer than this "
+                               f"software ({SCHEMA_VERSION}); upgrade the software")
+        for target, step in MIGRATIONS:
+            if target > version:
+                step(database)
+                SchemaVersion.create(version=target)
+                version = target
     return version

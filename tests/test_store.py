@@ -1,0 +1,97 @@
+"""Storage on both real backends: SQLite (WAL) and a private PostgreSQL cluster."""
+
+import datetime as dt
+
+import peewee as pw
+import pytest
+
+from enroll_server.store import db as store_db
+from enroll_server.store.models import (
+    Certificate,
+    Device,
+    EnrollmentGroup,
+    EnrollmentToken,
+    SchemaVersion,
+)
+from enroll_server.store.repository import Repository
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def repository(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/enroll.db"
+    else:
+        url = request.getfixturevalue("pg_url")
+    database = store_db.open_database(url, tmp_path)
+    database.connect()
+    store_db.migrate(database)
+    yield Repository(database)
+    database.close()
+
+
+def test_migration_creates_the_schema_and_the_default_group(repository):
+    assert store_db.current_version(repository.database) == store_db.SCHEMA_VERSION
+    default = repository.group("default")
+    assert "token" in default.auth_methods.split(",")
+    # Re-running is a no-op: no duplicate version rows, no second default group.
+    assert store_db.migrate(repository.database) == store_db.SCHEMA_VERSION
+    assert SchemaVersion.select().count() == store_db.SCHEMA_VERSION
+    assert EnrollmentGroup.select().count() == 1
+
+
+def test_a_newer_schema_than_the_software_is_refused(repository):
+    SchemaVersion.create(version=store_db.SCHEMA_VERSION + 1)
+    with pytest.raises(RuntimeError, match="newer than this software"):
+        store_db.migrate(repository.database)
+
+
+def _device(repository, device_id="dev-1"):
+    with repository.transaction():
+        return Device.create(device_id=device_id, group=repository.group("default"),
+                             enrolled_by="token")
+
+
+def _certificate(device, serial, fingerprint):
+    now = dt.datetime(2026, 1, 1)
+    return Certificate.create(serial=serial, device=device, fingerprint_sha256=fingerprint,
+                              public_key_sha256="k" * 64, subject="CN=x", not_before=now,
+                              not_after=now, der=b"\x30\x00", issued_via="token")
+
+
+def test_certificate_serials_are_unique_in_the_database(repository):
+    device = _device(repository)
+    with repository.transaction():
+        _certificate(device, "12345", "a" * 64)
+    with pytest.raises(pw.IntegrityError), repository.transaction():
+        _certificate(device, "12345", "b" * 64)
+    assert Certificate.select().count() == 1
+
+
+def test_a_failed_transaction_leaves_no_rows(repository):
+    with pytest.raises(RuntimeError), repository.transaction():
+        _device(repository, "dev-rollback")
+        raise RuntimeError("crash between signing and commit")
+    assert repository.device("dev-rollback") is None
+
+
+def test_a_token_is_consumed_exactly_once_and_stored_only_as_a_hash(repository):
+    secret, row = repository.create_token(repository.group("default"),
+                                          dt.timedelta(hours=1), "operator:test")
+    assert secret not in {t.token_sha256 for t in EnrollmentToken.select()}
+    found = repository.find_token(secret)
+    assert found is not None and found.id == row.id
+    assert repository.find_token(secret + "x") is None
+    with repository.transaction():
+        assert repository.consume_token(found, "dev-1") is True
+    with repository.transaction():
+        assert repository.consume_token(found, "dev-2") is False
+    assert EnrollmentToken.get_by_id(row.id).used_by_device == "dev-1"
+
+
+def test_audit_events_survive_and_read_back_newest_first(repository):
+    repository.audit(actor="anonymous", action="est.simpleenroll", outcome="refused",
+                     code="csr.malformed", detail={"why": "x"})
+    repository.audit(actor="operator:a", action="group.create", outcome="success")
+    events = repository.audit_events()
+    assert [e.action for e in events] == ["group.create", "est.simpleenroll"]
+    assert events[1].code == "csr.malformed"
