@@ -95,3 +95,21 @@ def test_audit_events_survive_and_read_back_newest_first(repository):
     events = repository.audit_events()
     assert [e.action for e in events] == ["group.create", "est.simpleenroll"]
     assert events[1].code == "csr.malformed"
+
+
+def test_a_schema_1_database_migrates_forward_keeping_its_rows(tmp_path):
+    database = store_db.open_database(f"sqlite:///{tmp_path}/old.db")
+    database.connect()
+    first, _ = store_db.MIGRATIONS[0]
+    assert first == 1
+    with database.atomic():
+        store_db.MIGRATIONS[0][1](database)
+        SchemaVersion.create(version=1)
+    columns = {c.name for c in database.get_columns("enrollment_group")}
+    assert "ek_roots_pem" not in columns
+    assert store_db.migrate(database) == store_db.SCHEMA_VERSION
+    group = EnrollmentGroup.get(EnrollmentGroup.name == "default")
+    assert group.ek_policy == "manufacturer" and group.pcr_policy == ""
+    assert "ek_roots_pem" in {c.name for c in database.get_columns("enrollment_group")}
+    assert database.table_exists("attestation_challenge")
+    database.close()

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import peewee as pw
 from playhouse.db_url import connect as connect_url
+from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import migrate as migrate_columns
 
-from .models import ALL_MODELS, EnrollmentGroup, SchemaVersion, database_proxy
+from .models import (
+    ALL_MODELS,
+    AttestationChallenge,
+    AttestationEvidence,
+    Device,
+    EkAllowlistEntry,
+    EnrollmentGroup,
+    SchemaVersion,
+    database_proxy,
+)
 
 # The group every instance starts with; its name is also the EST path without a label.
 DEFAULT_GROUP = {"name": "default", "auth_methods": "token,bootstrap", "lifetime_days": 365,
@@ -39,15 +51,51 @@ def open_database(url: str, instance_dir: Path | None = None) -> pw.Database:
     return database
 
 
+# Columns and tables added after schema 1. Schema 1 creates only what existed then, so
+# an old database and a new one end up identical after migrating.
+_SCHEMA_2_COLUMNS = {
+    EnrollmentGroup: ("ek_roots_pem", "ek_policy", "pcr_policy"),
+    Device: ("ak_name", "last_reset_count"),
+}
+_SCHEMA_2_TABLES = [EkAllowlistEntry, AttestationChallenge, AttestationEvidence]
+
+
+@contextmanager
+def _schema_1_view() -> Iterator[None]:
+    """Models as they were at schema 1: later columns hidden from peewee meanwhile."""
+    hidden = {model: {n: model._meta.fields[n] for n in names}
+              for model, names in _SCHEMA_2_COLUMNS.items()}
+    for model, fields in hidden.items():
+        for name in fields:
+            model._meta.remove_field(name)
+    try:
+        yield
+    finally:
+        for model, fields in hidden.items():
+            for name, field in fields.items():
+                model._meta.add_field(name, field)
+
+
 def _create_initial_schema(database: pw.Database) -> None:
-    database.create_tables(ALL_MODELS)
-    EnrollmentGroup.create(**DEFAULT_GROUP)
+    with _schema_1_view():
+        database.create_tables([m for m in ALL_MODELS if m not in _SCHEMA_2_TABLES])
+        EnrollmentGroup.create(**DEFAULT_GROUP)
+
+
+def _add_tpm_attestation(database: pw.Database) -> None:
+    """Schema 2: TPM attestation (EK roots, allowlists, PCR policy, challenges, evidence)."""
+    migrator = SchemaMigrator.from_database(database)
+    operations = [migrator.add_column(model._meta.table_name, name, model._meta.fields[name])
+                  for model, names in _SCHEMA_2_COLUMNS.items() for name in names]
+    migrate_columns(*operations)
+    database.create_tables(_SCHEMA_2_TABLES)
 
 
 # Forward migrations, in order. Each runs in one transaction and bumps the version.
 # Append new steps; never edit a released one.
 MIGRATIONS: list[tuple[int, Callable[[pw.Database], None]]] = [
     (1, _create_initial_schema),
+    (2, _add_tpm_attestation),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

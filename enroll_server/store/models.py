@@ -41,6 +41,12 @@ class EnrollmentGroup(BaseModel):
     # PEM bundle of bootstrap (factory / IDevID) CA certificates trusted for enrollment.
     bootstrap_ca_pem = pw.TextField(default="")
     created_at = pw.DateTimeField(default=utcnow)
+    # TPM attestation (schema 2): trusted EK manufacturer roots and intermediates (PEM),
+    # "manufacturer" (any genuine TPM of those) or "allowlist" (only listed EKs), and
+    # the boot-state policy as JSON {"sha256": {"0": "<hex>", ...}} ("" = none).
+    ek_roots_pem = pw.TextField(default="")
+    ek_policy = pw.CharField(max_length=16, default="manufacturer")
+    pcr_policy = pw.TextField(default="")
 
 
 class Device(BaseModel):
@@ -54,6 +60,10 @@ class Device(BaseModel):
     identity_pin = pw.CharField(max_length=128, default="")
     created_at = pw.DateTimeField(default=utcnow)
     updated_at = pw.DateTimeField(default=utcnow)
+    # TPM devices (schema 2): the AK name pinned at first attested enrollment, and the
+    # last TPM resetCount seen in a quote (it must never go backwards).
+    ak_name = pw.CharField(max_length=140, default="")
+    last_reset_count = pw.BigIntegerField(null=True)
 
 
 class Certificate(BaseModel):
@@ -109,5 +119,49 @@ class AuditEvent(BaseModel):
     detail = pw.TextField(default="")
 
 
+class EkAllowlistEntry(BaseModel):
+    group = pw.ForeignKeyField(EnrollmentGroup, backref="ek_allowlist", on_delete="CASCADE")
+    ek_sha256 = pw.CharField(max_length=64)
+    note = pw.CharField(max_length=256, default="")
+    created_at = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("group", "ek_sha256"), True),)
+
+
+class AttestationChallenge(BaseModel):
+    """A MakeCredential challenge and nonce: single use, short TTL."""
+
+    challenge_id = pw.CharField(max_length=64, unique=True)
+    group = pw.ForeignKeyField(EnrollmentGroup, on_delete="CASCADE")
+    device_id = pw.CharField(max_length=64, index=True)  # hex SHA-256 of the EK public key
+    ek_public = pw.BlobField()
+    ek_certificate = pw.BlobField(null=True)
+    ak_public = pw.BlobField()
+    ak_name = pw.CharField(max_length=140)
+    secret_sha256 = pw.CharField(max_length=64)  # the credential secret itself is not kept
+    nonce = pw.BlobField()
+    expires_at = pw.DateTimeField()
+    used_at = pw.DateTimeField(null=True)
+    created_at = pw.DateTimeField(default=utcnow)
+
+
+class AttestationEvidence(BaseModel):
+    """The evidence that justified an attested certificate, kept for operators."""
+
+    certificate = pw.ForeignKeyField(Certificate, backref="evidence", on_delete="CASCADE")
+    ek_certificate = pw.BlobField(null=True)
+    ek_public = pw.BlobField()
+    ak_public = pw.BlobField()
+    certify_info = pw.BlobField()
+    certify_signature = pw.BlobField()
+    device_key_public = pw.BlobField()
+    quote_info = pw.BlobField(null=True)
+    quote_signature = pw.BlobField(null=True)
+    nonce = pw.BlobField()
+    created_at = pw.DateTimeField(default=utcnow)
+
+
 ALL_MODELS = [SchemaVersion, EnrollmentGroup, Device, Certificate, EnrollmentToken,
-              PendingRequest, AuditEvent]
+              PendingRequest, AuditEvent, EkAllowlistEntry, AttestationChallenge,
+              AttestationEvidence]
