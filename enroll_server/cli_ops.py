@@ -60,6 +60,17 @@ def parse_duration(text: str) -> dt.timedelta:
     return dt.timedelta(**{unit: int(match.group(1))})
 
 
+def read_pem_bundle(path: Path | None, option: str) -> str:
+    if path is None:
+        return ""
+    text = path.read_text()
+    try:
+        x509.load_pem_x509_certificates(text.encode())
+    except ValueError:
+        raise click.BadParameter("not a PEM certificate bundle", param_hint=option) from None
+    return text
+
+
 def fail(error: EnrollError) -> None:
     raise click.ClickException(f"{error.public} [{error.code}]")
 
@@ -69,6 +80,9 @@ def fail(error: EnrollError) -> None:
 Examples:
   enroll-server group create factory-a --auth bootstrap --bootstrap-ca idevid-ca.pem
   enroll-server group create lab --lifetime-days 30 --key-types ec-p256 --approval
+  enroll-server group create fleet --auth tpm --ek-roots tpm-vendor-roots.pem
+  enroll-server group allow-ek fleet --ek-cert ek.der
+  enroll-server group set-pcrs fleet --pcrread reference-pcrs.yaml
   enroll-server group list --json
 """)
 def group() -> None:
@@ -78,7 +92,7 @@ def group() -> None:
 @group.command("create")
 @click.argument("name")
 @click.option("--auth", default="token", show_default=True,
-              help="Accepted credentials, comma separated: token, bootstrap.")
+              help="Accepted credentials, comma separated: token, bootstrap, tpm.")
 @click.option("--lifetime-days", default=365, show_default=True, type=click.IntRange(1, 3650))
 @click.option("--key-types", default="ec-p256,ec-p384", show_default=True,
               help=f"Allowed device key types: {', '.join(KEY_TYPES)}.")
@@ -86,28 +100,32 @@ def group() -> None:
 @click.option("--bootstrap-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="PEM bundle of factory (IDevID) CAs trusted for bootstrap enrollment.")
 @click.option("--approval", is_flag=True, help="Hold every enrollment for operator approval.")
+@click.option("--ek-roots", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="PEM bundle of TPM manufacturer roots (and intermediates) trusted for "
+                   "EK certificates (--auth tpm).")
+@click.option("--ek-policy", type=click.Choice(["manufacturer", "allowlist"]),
+              default="manufacturer", show_default=True,
+              help="Any genuine TPM of those manufacturers, or only allowlisted EKs.")
 @pass_context
 def group_create(ctx: Context, name: str, auth: str, lifetime_days: int, key_types: str,
-                 min_rsa_bits: int, bootstrap_ca: Path | None, approval: bool) -> None:
+                 min_rsa_bits: int, bootstrap_ca: Path | None, approval: bool,
+                 ek_roots: Path | None, ek_policy: str) -> None:
     """Create an enrollment group (its name is the EST label)."""
     if not GROUP_NAME_PATTERN.fullmatch(name):
         raise click.BadParameter("lower-case letters, digits, '-' and '_' (max 64)",
                                  param_hint="NAME")
     methods = [m.strip() for m in auth.split(",") if m.strip()]
-    if not methods or set(methods) - {"token", "bootstrap"}:
-        raise click.BadParameter("choose from token, bootstrap", param_hint="--auth")
+    if not methods or set(methods) - {"token", "bootstrap", "tpm"}:
+        raise click.BadParameter("choose from token, bootstrap, tpm", param_hint="--auth")
     types = [t.strip() for t in key_types.split(",") if t.strip()]
     if not types or set(types) - set(KEY_TYPES):
         raise click.BadParameter(f"choose from {', '.join(KEY_TYPES)}",
                                  param_hint="--key-types")
-    bundle = ""
-    if bootstrap_ca:
-        bundle = bootstrap_ca.read_text()
-        try:
-            x509.load_pem_x509_certificates(bundle.encode())
-        except ValueError:
-            raise click.BadParameter("not a PEM certificate bundle",
-                                     param_hint="--bootstrap-ca") from None
+    bundle = read_pem_bundle(bootstrap_ca, "--bootstrap-ca")
+    ek_bundle = read_pem_bundle(ek_roots, "--ek-roots")
+    if "tpm" in methods and not ek_bundle and ek_policy == "manufacturer":
+        raise click.BadParameter("TPM attestation needs --ek-roots (or --ek-policy "
+                                 "allowlist)", param_hint="--auth")
     if "bootstrap" in methods and not bundle:
         raise click.BadParameter("bootstrap authentication needs --bootstrap-ca",
                                  param_hint="--auth")
@@ -116,7 +134,8 @@ def group_create(ctx: Context, name: str, auth: str, lifetime_days: int, key_typ
         repository.create_group(name, auth_methods=",".join(methods),
                                 lifetime_days=lifetime_days, key_types=",".join(types),
                                 min_rsa_bits=min_rsa_bits, requires_approval=approval,
-                                bootstrap_ca_pem=bundle)
+                                bootstrap_ca_pem=bundle, ek_roots_pem=ek_bundle,
+                                ek_policy=ek_policy)
     except EnrollError as error:
         fail(error)
     repository.audit(actor=operator(), action="group.create", outcome="success", group=name,
