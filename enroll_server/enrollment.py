@@ -20,7 +20,7 @@ from cryptography import x509
 from .ca.profiles import CertProfile, revocation_urls
 from .ca.signer import Signer
 from .config import Settings
-from .errors import EnrollError, PendingApproval, PolicyRefused
+from .errors import Conflict, EnrollError, PendingApproval, PolicyRefused
 from .identity import Identity, authenticate_enroll, authenticate_reenroll
 from .policy.csr import (
     KeyPolicy,
@@ -69,7 +69,7 @@ class EnrollmentService:
     def _enroll(self, ctx: RequestContext, body: bytes,
                 renewal: bool) -> tuple[x509.Certificate, Identity]:
         csr = parse_csr(decode_est_base64(body))
-        with self.repository.transaction():
+        with self.repository.transaction(readonly=True):  # checks only; issuing re-checks
             identity = (authenticate_reenroll(self.repository, ctx, csr, self.clock())
                         if renewal else
                         authenticate_enroll(self.repository, ctx, csr, self.clock()))
@@ -124,14 +124,18 @@ class EnrollmentService:
     def _issue_once(self, identity: Identity, csr: x509.CertificateSigningRequest,
                     profile: CertProfile) -> x509.Certificate:
         repo = self.repository
+        if identity.token is not None and not repo.consume_token(identity.token,
+                                                                 identity.device_id):
+            raise identity.token_race_refusal()
         device = repo.device(identity.device_id)
         if device is None:
             device = Device.create(device_id=identity.device_id, group=identity.group,
                                    enrolled_by=identity.method, status="active",
                                    identity_pin=identity.identity_pin)
-        if identity.token is not None and not repo.consume_token(identity.token,
-                                                                 identity.device_id):
-            raise identity.token_race_refusal()
+        elif not identity.known_device:  # enrolled by a concurrent request meanwhile
+            raise Conflict("This device identity is already enrolled.",
+                           code="identity.taken",
+                           detail=f"device {identity.device_id} enrolled concurrently")
         certificate = self.signer.issue(csr.public_key(), profile, self.clock())
         Device.update(updated_at=utcnow()).where(Device.id == device.id).execute()
         repo.supersede_active_certificates(device)

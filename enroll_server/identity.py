@@ -40,6 +40,10 @@ class Identity:
     credential_pin: str = ""  # what a pending request is bound to
     token: EnrollmentToken | None = None
     current_certificate: Certificate | None = None
+    # Whether the device id was already enrolled when the credential was checked. Issuing
+    # re-checks it in its own transaction: an id enrolled meanwhile by a concurrent
+    # request is identity.taken, never overwritten (SECURITY-CHECKLIST 15).
+    known_device: bool = False
     # Set when this is a retry of a request that already succeeded.
     replay_certificate: Certificate | None = None
     replay_refusal: EnrollError | None = None
@@ -66,6 +70,8 @@ def _require_method(group: EnrollmentGroup, method: str) -> None:
 def authenticate_enroll(repository: Repository, ctx: RequestContext,
                         csr: x509.CertificateSigningRequest, now: dt.datetime) -> Identity:
     """simpleenroll: a token wins over a TLS certificate when both are presented."""
+    if ctx.group_label:
+        group_for_label(repository, ctx.group_label)  # an unknown label is 404 for all
     if ctx.bearer_token:
         return _by_token(repository, ctx, csr, now)
     if ctx.client_certificate is not None:
@@ -110,6 +116,7 @@ def _by_token(repository: Repository, ctx: RequestContext, csr: x509.Certificate
             raise Conflict("This device identity is already enrolled; an operator must "
                            "issue a token bound to it to re-provision.",
                            code="identity.taken", detail=f"device {device_id}")
+        identity.known_device = True
     return identity
 
 
@@ -163,6 +170,7 @@ def _by_bootstrap_certificate(repository: Repository, ctx: RequestContext,
         if not hmac.compare_digest(device.identity_pin, pin) or device.group_id != group.id:
             raise Conflict("This device identity is pinned to another credential.",
                            code="identity.taken", detail=f"device {device_id}")
+        identity.known_device = True
         # Same bootstrap key and same device key: a retry, answered with the same cert.
         identity.replay_certificate = repository.active_certificate_for_key(
             device, public_key_sha256(csr.public_key()))
@@ -172,6 +180,8 @@ def _by_bootstrap_certificate(repository: Repository, ctx: RequestContext,
 def authenticate_reenroll(repository: Repository, ctx: RequestContext,
                           csr: x509.CertificateSigningRequest, now: dt.datetime) -> Identity:
     """RFC 7030 4.2.2: authorised by the certificate being renewed, presented over TLS."""
+    if ctx.group_label:
+        group_for_label(repository, ctx.group_label)
     leaf = ctx.client_certificate
     if leaf is None:
         raise Unauthorized("Re-enrollment needs the current device certificate over TLS.",
@@ -194,7 +204,8 @@ def authenticate_reenroll(repository: Repository, ctx: RequestContext,
                            "credential.", code="cert.expired")
     _require_same_names(csr, leaf)
     identity = Identity(device_id=device.device_id, group=group, method="reenroll",
-                        identity_pin=device.identity_pin, current_certificate=current)
+                        identity_pin=device.identity_pin, current_certificate=current,
+                        known_device=True)
     if current.status == "superseded":
         # The renewal succeeded but the device never got the answer: return the newer
         # certificate for the same key, and refuse anything else.

@@ -10,10 +10,17 @@ Routes, each with the credential it needs:
 from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import est_wire
 from ..enrollment import RequestContext, key_policy
-from ..errors import BadRequest, PayloadTooLarge, RateLimited, UnsupportedMediaType
+from ..errors import (
+    BadRequest,
+    EnrollError,
+    PayloadTooLarge,
+    RateLimited,
+    UnsupportedMediaType,
+)
 from ..identity import group_for_label
 from .tls import client_certificate
 
@@ -25,7 +32,8 @@ def _services():
 
 
 def _label(label: str | None) -> str | None:
-    if label is not None and not label.replace("-", "").replace("_", "").isalnum():
+    if label is not None and (len(label) > 64  # it is stored as an audit group_name
+                              or not label.replace("-", "").replace("_", "").isalnum()):
         raise BadRequest("Invalid EST label.", code="est.bad_label")
     return label
 
@@ -50,7 +58,7 @@ def csrattrs(label: str | None = None) -> Response:
 @blueprint.post("/simpleenroll")
 @blueprint.post("/<label>/simpleenroll")
 def simpleenroll(label: str | None = None) -> Response:
-    context, body = _enroll_request(label)
+    context, body = _enroll_request(label, "est.simpleenroll")
     certificate = _services().enrollment.simpleenroll(context, body)
     return Response(est_wire.certs_only([certificate]),
                     content_type=est_wire.PKCS7_CERTS_ONLY)
@@ -59,13 +67,39 @@ def simpleenroll(label: str | None = None) -> Response:
 @blueprint.post("/simplereenroll")
 @blueprint.post("/<label>/simplereenroll")
 def simplereenroll(label: str | None = None) -> Response:
-    context, body = _enroll_request(label)
+    context, body = _enroll_request(label, "est.simplereenroll")
     certificate = _services().enrollment.simplereenroll(context, body)
     return Response(est_wire.certs_only([certificate]),
                     content_type=est_wire.PKCS7_CERTS_ONLY)
 
 
-def _enroll_request(label: str | None) -> tuple[RequestContext, bytes]:
+def _enroll_request(label: str | None, action: str) -> tuple[RequestContext, bytes]:
+    """The request's context and body; refusals here are audited like any other."""
+    try:
+        return _parse_enroll_request(label)
+    except EnrollError as error:
+        _services().repository.audit(
+            actor="anonymous", action=action, outcome="refused", code=error.code,
+            group=label if label and len(label) <= 64 else None,
+            remote_addr=request.remote_addr, detail=error.detail)
+        raise
+
+
+def _read_body(limit: int) -> bytes:
+    """At most limit bytes, else PayloadTooLarge. A chunked body has no Content-Length
+    and werkzeug silently cuts its stream at MAX_CONTENT_LENGTH, so probe past it."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"The CSR body may be at most {limit} bytes.")
+    try:
+        body = request.stream.read(limit)
+        if len(body) == limit and request.stream.read(1):
+            raise RequestEntityTooLarge()
+    except RequestEntityTooLarge:
+        raise PayloadTooLarge(f"The CSR body may be at most {limit} bytes.") from None
+    return body
+
+
+def _parse_enroll_request(label: str | None) -> tuple[RequestContext, bytes]:
     """Everything checked before any cryptographic work: rate, type, size, label."""
     services = _services()
     wait = services.rate_limiter.acquire(request.remote_addr or "-")
@@ -75,12 +109,7 @@ def _enroll_request(label: str | None) -> tuple[RequestContext, bytes]:
     if content_type != est_wire.PKCS10:
         raise UnsupportedMediaType("simpleenroll expects Content-Type application/pkcs10 "
                                    "(RFC 7030 4.2.1).", code="request.content_type")
-    limit = services.settings.server.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"The CSR body may be at most {limit} bytes.")
-    body = request.stream.read(limit + 1)
-    if len(body) > limit:
-        raise PayloadTooLarge(f"The CSR body may be at most {limit} bytes.")
+    body = _read_body(services.settings.server.max_body_bytes)
     bearer = None
     authorization = request.headers.get("Authorization", "")
     if authorization[:7].lower() == "bearer ":
