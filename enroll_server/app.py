@@ -26,9 +26,10 @@ def create_app(settings: Settings, services: Services | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
     app.extensions["enroll"] = services or build_services(settings)
 
-    from .http import est, health
+    from .http import attest, est, health
 
     app.register_blueprint(est.blueprint)
+    app.register_blueprint(attest.blueprint)
     app.register_blueprint(health.blueprint)
 
     app.register_error_handler(EnrollError, _enroll_error)
@@ -39,7 +40,7 @@ def create_app(settings: Settings, services: Services | None = None) -> Flask:
 
 def error_response(status: int, code: str, message: str,
                    headers: dict[str, str] | None = None) -> Response:
-    if request.path.startswith("/.well-known/est/"):
+    if request.path.startswith("/.well-known/est/") and "/attest/" not in request.path:
         body = f"error: {code}\n{message}\n"
         response = Response(body, status=status, content_type="text/plain; charset=utf-8")
     else:

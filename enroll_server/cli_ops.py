@@ -226,6 +226,7 @@ Examples:
   enroll-server devices list
   enroll-server devices show sensor-0042 --json
   enroll-server devices approve sensor-0042
+  enroll-server devices show 3f1c...e9 --evidence
 """)
 def devices() -> None:
     """Enrolled devices."""
@@ -246,10 +247,13 @@ def devices_list(ctx: Context, group_name: str | None, as_json: bool) -> None:
 
 @devices.command("show")
 @click.argument("device_id")
+@click.option("--evidence", is_flag=True, help="Also the TPM evidence behind each certificate.")
 @json_option
 @pass_context
-def devices_show(ctx: Context, device_id: str, as_json: bool) -> None:
+def devices_show(ctx: Context, device_id: str, evidence: bool, as_json: bool) -> None:
     """One device: identity, certificates and recent audit events."""
+    from .cli_tpm import evidence_records, print_evidence
+
     repository = ctx.repository()
     device = repository.run(lambda: repository.device(device_id))
     if device is None:
@@ -264,6 +268,10 @@ def devices_show(ctx: Context, device_id: str, as_json: bool) -> None:
                              for c in repository.certificates(device_id)],
             "audit": [{"at": e.at, "action": e.action, "outcome": e.outcome, "code": e.code}
                       for e in repository.audit_events(device_id, limit=20)]}
+    if device.ak_name:
+        info["ak_name"] = device.ak_name
+    if evidence:
+        info["evidence"] = repository.run(lambda: evidence_records(device_id))
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
@@ -273,6 +281,9 @@ def devices_show(ctx: Context, device_id: str, as_json: bool) -> None:
     render(info["certificates"], False)
     click.echo("\nRecent audit events:")
     render(info["audit"], False)
+    if evidence:
+        click.echo("\nTPM evidence:")
+        print_evidence(info["evidence"])
 
 
 def _decide(ctx: Context, device_id: str, approve: bool) -> None:

@@ -85,6 +85,15 @@ class IssuanceSettings:
 
 
 @dataclass(frozen=True)
+class AttestationSettings:
+    # Lifetime of a credential challenge and its nonce (single use either way). Real TPMs
+    # take up to a few seconds per command; the device does ~4 commands in between.
+    challenge_ttl_seconds: int = 120
+    # Open (unused, unexpired) challenges one EK may hold; more is refused (429).
+    max_open_challenges: int = 8
+
+
+@dataclass(frozen=True)
 class OperatorSettings:
     # SHA-256 (hex) of the operator API bearer credential created by `enroll-server init`.
     credential_sha256: str = ""
@@ -98,6 +107,7 @@ class Settings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     ca: CASettings = field(default_factory=CASettings)
     issuance: IssuanceSettings = field(default_factory=IssuanceSettings)
+    attestation: AttestationSettings = field(default_factory=AttestationSettings)
     operator: OperatorSettings = field(default_factory=OperatorSettings)
 
     def resolve(self, path: Path) -> Path:
@@ -229,6 +239,10 @@ def _validate(s: Settings) -> None:
     need(0 <= s.issuance.backdate_seconds <= 3600, "issuance.backdate_seconds",
          "must be between 0 and 3600")
     need(s.issuance.token_ttl_seconds >= 60, "issuance.token_ttl_seconds", "must be >= 60")
+    need(5 <= s.attestation.challenge_ttl_seconds <= 3600,
+         "attestation.challenge_ttl_seconds", "must be between 5 and 3600")
+    need(s.attestation.max_open_challenges >= 1, "attestation.max_open_challenges",
+         "must be at least 1")
 
 
 def _resolve_paths(obj: typing.Any, base: Path) -> typing.Any:

@@ -31,8 +31,10 @@ from .policy.csr import (
     public_key_sha256,
     requested_common_name,
 )
-from .store.models import Device, EnrollmentGroup, PendingRequest, utcnow
+from .store.models import Certificate, Device, EnrollmentGroup, PendingRequest, utcnow
 from .store.repository import Repository
+
+Binder = Callable[[Device, Certificate], None]
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,11 @@ class EnrollmentService:
 
     # -- RFC 7030 4.2.1 ---------------------------------------------------------------
     def simpleenroll(self, ctx: RequestContext, body: bytes) -> x509.Certificate:
-        return self._audited("est.simpleenroll", ctx, lambda: self._enroll(ctx, body, False))
+        return self.audited("est.simpleenroll", ctx, lambda: self._enroll(ctx, body, False))
 
     # -- RFC 7030 4.2.2 ---------------------------------------------------------------
     def simplereenroll(self, ctx: RequestContext, body: bytes) -> x509.Certificate:
-        return self._audited("est.simplereenroll", ctx,
+        return self.audited("est.simplereenroll", ctx,
                              lambda: self._enroll(ctx, body, True))
 
     def _enroll(self, ctx: RequestContext, body: bytes,
@@ -89,10 +91,10 @@ class EnrollmentService:
         if identity.replay_refusal is not None:
             raise identity.replay_refusal
         if identity.group.requires_approval and not renewal:
-            self._require_approval(identity, key_sha256)
-        return self._issue(identity, csr, key_sha256), identity
+            self.require_approval(identity, key_sha256)
+        return self.issue(identity, csr), identity
 
-    def _require_approval(self, identity: Identity, key_sha256: str) -> None:
+    def require_approval(self, identity: Identity, key_sha256: str) -> None:
         with self.repository.transaction():
             pending = self.repository.pending_request(key_sha256)
             if pending is None:
@@ -109,20 +111,22 @@ class EnrollmentService:
                 return
         raise PendingApproval(self.settings.server.manual_approval_retry_seconds)
 
-    def _issue(self, identity: Identity, csr: x509.CertificateSigningRequest,
-               key_sha256: str) -> x509.Certificate:
+    def issue(self, identity: Identity, csr: x509.CertificateSigningRequest,
+              bind: Binder | None = None) -> x509.Certificate:
+        """Sign and store in one transaction. ``bind(device, certificate_row)`` runs in
+        that transaction after the row is written (pins, evidence); raising refuses."""
         profile = self.profile_for(identity)
         for _attempt in range(3):
             try:
                 with self.repository.transaction():
-                    return self._issue_once(identity, csr, profile)
+                    return self._issue_once(identity, csr, profile, bind)
             except pw.IntegrityError as exc:  # a serial collision: sign again
                 last_error = exc
         raise EnrollError(code="ca.serial_collision",
                           detail=f"three serial collisions: {last_error}")
 
     def _issue_once(self, identity: Identity, csr: x509.CertificateSigningRequest,
-                    profile: CertProfile) -> x509.Certificate:
+                    profile: CertProfile, bind: Binder | None) -> x509.Certificate:
         repo = self.repository
         if identity.token is not None and not repo.consume_token(identity.token,
                                                                  identity.device_id):
@@ -139,7 +143,9 @@ class EnrollmentService:
         certificate = self.signer.issue(csr.public_key(), profile, self.clock())
         Device.update(updated_at=utcnow()).where(Device.id == device.id).execute()
         repo.supersede_active_certificates(device)
-        repo.record_certificate(device, certificate, identity.method)
+        row = repo.record_certificate(device, certificate, identity.method)
+        if bind is not None:
+            bind(device, row)
         PendingRequest.delete().where(
             PendingRequest.device_id == identity.device_id).execute()
         return certificate
@@ -152,12 +158,13 @@ class EnrollmentService:
             backdate=dt.timedelta(seconds=self.settings.issuance.backdate_seconds),
             **revocation_urls(self.settings.server.public_url))
 
-    def _audited(self, action: str, ctx: RequestContext,
+    def audited(self, action: str, ctx: RequestContext,
                  work: Callable[[], tuple[x509.Certificate, Identity]]) -> x509.Certificate:
         try:
             certificate, identity = work()
         except EnrollError as error:
-            outcome = "pending" if isinstance(error, PendingApproval) else "refused"
+            outcome = ("pending" if isinstance(error, PendingApproval) else
+                       "error" if error.status >= 500 else "refused")
             self.repository.audit(
                 actor=getattr(error, "actor", None) or _actor(ctx), action=action,
                 outcome=outcome, code=error.code, device_id=getattr(error, "device_id", None),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import peewee as pw
 from cryptography import x509
 
+from .attested import AttestationService
 from .ca.signer import Signer
 from .config import Settings
 from .enrollment import EnrollmentService
@@ -26,6 +27,7 @@ class Services:
     repository: Repository
     signer: Signer
     enrollment: EnrollmentService
+    attestation: AttestationService
     rate_limiter: RateLimiter
 
 
@@ -72,8 +74,10 @@ def open_store(settings: Settings) -> tuple[pw.Database, Repository]:
 def build_services(settings: Settings) -> Services:
     database, repository = open_store(settings)
     signer = load_signer(settings)
+    enrollment = EnrollmentService(settings, repository, signer)
     return Services(
         settings=settings, database=database, repository=repository, signer=signer,
-        enrollment=EnrollmentService(settings, repository, signer),
+        enrollment=enrollment,
+        attestation=AttestationService(settings, repository, enrollment),
         rate_limiter=RateLimiter(settings.server.rate_limit_per_second,
                                  settings.server.rate_limit_burst))

@@ -487,7 +487,7 @@ def test_certify_info_with_wrong_magic_or_type_is_refused(evidence: dict[str, Ev
                               run.device_key_public)  # fmt: skip
     assert_refused(refused.value, "certify.bad_magic")
     retyped = bytearray(run.certify_info)
-    retyped[4:6] = int(TPM2_ST.ATTEST_CREATION).to_bytes(2, "big")
+    retyped[4:6] = int(TPM2_ST.ATTEST_SESSION_AUDIT).to_bytes(2, "big")
     with pytest.raises(verdict.CertifyWrongType):
         verify.verify_certify(bytes(retyped), run.certify_signature, run.ak_public, run.nonce,
                               run.device_key_public)  # fmt: skip

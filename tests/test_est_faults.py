@@ -205,7 +205,7 @@ def test_database_locked_beyond_busy_timeout_is_503_then_recovers(est_instance):
     finally:
         holder.close()
     assert int(response.headers["Retry-After"]) >= 1
-    assert_refused(est_instance, before, response, 503, "store.unavailable")
+    assert_refused(est_instance, before, response, 503, "store.unavailable", outcome="error")
     assert not token_used(est_instance, token)
     certificate = enroll(est_instance, key, "ft-locked-dev", token)  # the same request now
     assert certificate_status(est_instance, certificate) == "active"
@@ -232,7 +232,8 @@ def test_hsm_token_removed_is_503_and_the_same_token_succeeds_after_it_returns(
     finally:
         shutil.move(tmp_path / "unplugged", tokens)
     assert int(response.headers["Retry-After"]) >= 1
-    assert_refused(instance, before, response, 503, "ca.signer_unavailable")
+    assert_refused(instance, before, response, 503, "ca.signer_unavailable",
+                   outcome="error")
     assert "C_Sign" in audit_detail(instance, "ca.signer_unavailable")  # the live session
     assert not token_used(instance, token)
     time.sleep(0.6)  # past the reconnect backoff
@@ -250,7 +251,8 @@ def test_wrong_hsm_pin_still_serves_cacerts_and_enroll_is_503(own_instance):
     before = StoreSnapshot.take(instance)
     response = post_est(instance, csr_body(ec_key(), "ft-pin-dev"), token=token)
     assert int(response.headers["Retry-After"]) >= 1
-    assert_refused(instance, before, response, 503, "ca.signer_unavailable")
+    assert_refused(instance, before, response, 503, "ca.signer_unavailable",
+                   outcome="error")
     detail = audit_detail(instance, "ca.signer_unavailable")
     assert "PinIncorrect" in detail
     assert "0000-wrong" not in detail + response.text

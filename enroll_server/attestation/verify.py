@@ -13,6 +13,7 @@ the content (certified Name, device key attributes).
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 from dataclasses import dataclass
 
@@ -141,6 +142,10 @@ class AttestKind:
 CERTIFY = AttestKind("certify_info", TPM2_ST.ATTEST_CERTIFY, verdict.CertifyBadMagic,
                      verdict.CertifyWrongType, verdict.CertifyBadSignature,
                      verdict.CertifyNonceMismatch)  # fmt: skip
+# TPM2_CertifyCreation (Part 3 18.3) proves the same thing for a key this TPM created: the
+# TPM signs only after checking its own creation ticket over (creationHash, objectName).
+# tpm2-tools 5.4's tpm2_certify cannot pass qualifyingData; tpm2_certifycreation -q can.
+CERTIFY_CREATION = dataclasses.replace(CERTIFY, attest_type=TPM2_ST.ATTEST_CREATION)
 
 
 def verify_attest(
@@ -186,14 +191,21 @@ def verify_certify(
 ) -> TPMS_ATTEST:  # fmt: skip
     """TPM2_Certify evidence that ``device_key_public`` is a TPM-bound key (Part 3 18.2).
 
+    A TPMS_ATTEST of type TPM_ST_ATTEST_CREATION (TPM2_CertifyCreation, Part 3 18.3) is
+    accepted the same way: its objectName plays the role of the certified Name.
+
     ``certify_info`` is the marshalled TPMS_ATTEST (``tpm2_certify -o``), ``signature`` a
     TPMT_SIGNATURE by the AK, ``nonce`` the server's fresh qualifyingData, and
     ``device_key_public`` the device key's TPM2B_PUBLIC. The certified Name must equal
     nameAlg || H(device key TPMT_PUBLIC), so its attributes are the TPM's, not a claim.
     """
-    attest = verify_attest(CERTIFY, certify_info, signature, ak_public, nonce)
+    _, attest_type = attest_header(certify_info, CERTIFY.field)
+    creation = attest_type == TPM2_ST.ATTEST_CREATION
+    kind = CERTIFY_CREATION if creation else CERTIFY
+    attest = verify_attest(kind, certify_info, signature, ak_public, nonce)
     device_key = parse_public(device_key_public, "device_key_public")
-    certified_name = bytes(attest.attested.certify.name)
+    certified_name = bytes(attest.attested.creation.objectName if creation
+                           else attest.attested.certify.name)
     expected_name = object_name(device_key)
     if not hmac.compare_digest(certified_name, expected_name):
         raise verdict.CertifyNameMismatch(detail=f"certified name {certified_name.hex()}, "

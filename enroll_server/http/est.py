@@ -27,11 +27,11 @@ from .tls import client_certificate
 blueprint = Blueprint("est", __name__, url_prefix="/.well-known/est")
 
 
-def _services():
+def services():
     return current_app.extensions["enroll"]
 
 
-def _label(label: str | None) -> str | None:
+def checked_label(label: str | None) -> str | None:
     if label is not None and (len(label) > 64  # it is stored as an audit group_name
                               or not label.replace("-", "").replace("_", "").isalnum()):
         raise BadRequest("Invalid EST label.", code="est.bad_label")
@@ -41,16 +41,16 @@ def _label(label: str | None) -> str | None:
 @blueprint.get("/cacerts")
 @blueprint.get("/<label>/cacerts")
 def cacerts(label: str | None = None) -> Response:
-    _label(label)
-    body = est_wire.certs_only(_services().signer.ca_certificates())
+    checked_label(label)
+    body = est_wire.certs_only(services().signer.ca_certificates())
     return Response(body, content_type=est_wire.PKCS7_CERTS_ONLY)
 
 
 @blueprint.get("/csrattrs")
 @blueprint.get("/<label>/csrattrs")
 def csrattrs(label: str | None = None) -> Response:
-    group = _services().repository.run(lambda: group_for_label(_services().repository,
-                                                                _label(label)))
+    group = services().repository.run(lambda: group_for_label(services().repository,
+                                                                checked_label(label)))
     body = est_wire.csr_attributes(key_policy(group).allowed_key_types)
     return Response(body, content_type=est_wire.CSRATTRS)
 
@@ -59,7 +59,7 @@ def csrattrs(label: str | None = None) -> Response:
 @blueprint.post("/<label>/simpleenroll")
 def simpleenroll(label: str | None = None) -> Response:
     context, body = _enroll_request(label, "est.simpleenroll")
-    certificate = _services().enrollment.simpleenroll(context, body)
+    certificate = services().enrollment.simpleenroll(context, body)
     return Response(est_wire.certs_only([certificate]),
                     content_type=est_wire.PKCS7_CERTS_ONLY)
 
@@ -68,7 +68,7 @@ def simpleenroll(label: str | None = None) -> Response:
 @blueprint.post("/<label>/simplereenroll")
 def simplereenroll(label: str | None = None) -> Response:
     context, body = _enroll_request(label, "est.simplereenroll")
-    certificate = _services().enrollment.simplereenroll(context, body)
+    certificate = services().enrollment.simplereenroll(context, body)
     return Response(est_wire.certs_only([certificate]),
                     content_type=est_wire.PKCS7_CERTS_ONLY)
 
@@ -76,16 +76,16 @@ def simplereenroll(label: str | None = None) -> Response:
 def _enroll_request(label: str | None, action: str) -> tuple[RequestContext, bytes]:
     """The request's context and body; refusals here are audited like any other."""
     try:
-        return _parse_enroll_request(label)
+        return _parse_enroll_request(label, action.removeprefix("est."))
     except EnrollError as error:
-        _services().repository.audit(
+        services().repository.audit(
             actor="anonymous", action=action, outcome="refused", code=error.code,
             group=label if label and len(label) <= 64 else None,
             remote_addr=request.remote_addr, detail=error.detail)
         raise
 
 
-def _read_body(limit: int) -> bytes:
+def read_body(limit: int) -> bytes:
     """At most limit bytes, else PayloadTooLarge. A chunked body has no Content-Length
     and werkzeug silently cuts its stream at MAX_CONTENT_LENGTH, so probe past it."""
     if request.content_length is not None and request.content_length > limit:
@@ -99,22 +99,27 @@ def _read_body(limit: int) -> bytes:
     return body
 
 
-def _parse_enroll_request(label: str | None) -> tuple[RequestContext, bytes]:
-    """Everything checked before any cryptographic work: rate, type, size, label."""
-    services = _services()
-    wait = services.rate_limiter.acquire(request.remote_addr or "-")
+def check_rate() -> None:
+    limiter = services().rate_limiter
+    wait = limiter.acquire(request.remote_addr or "-")
     if wait:
-        raise RateLimited(services.rate_limiter.retry_after(wait))
+        raise RateLimited(limiter.retry_after(wait))
+
+
+def _parse_enroll_request(label: str | None, operation: str) -> tuple[RequestContext, bytes]:
+    """Everything checked before any cryptographic work: rate, type, size, label."""
+    svc = services()
+    check_rate()
     content_type = (request.mimetype or "").lower()
     if content_type != est_wire.PKCS10:
-        raise UnsupportedMediaType("simpleenroll expects Content-Type application/pkcs10 "
+        raise UnsupportedMediaType(f"{operation} expects Content-Type application/pkcs10 "
                                    "(RFC 7030 4.2.1).", code="request.content_type")
-    body = _read_body(services.settings.server.max_body_bytes)
+    body = read_body(svc.settings.server.max_body_bytes)
     bearer = None
     authorization = request.headers.get("Authorization", "")
     if authorization[:7].lower() == "bearer ":
         bearer = authorization[7:].strip() or None
     context = RequestContext(
-        remote_addr=request.remote_addr, group_label=_label(label), bearer_token=bearer,
-        client_certificate=client_certificate(request.environ, services.settings.server))
+        remote_addr=request.remote_addr, group_label=checked_label(label), bearer_token=bearer,
+        client_certificate=client_certificate(request.environ, svc.settings.server))
     return context, body

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from ..errors import Conflict, NotFound, StoreUnavailable
 from ..policy.csr import public_key_sha256
 from .models import (
+    AttestationChallenge,
     AuditEvent,
     Certificate,
     Device,
@@ -251,6 +252,16 @@ class Repository:
             not_after=naive_utc(certificate.not_valid_after_utc),
             der=der, issued_via=issued_via)
 
+    # -- TPM attestation challenges ------------------------------------------------------
+    def challenge(self, challenge_id: str) -> AttestationChallenge | None:
+        return self._first(AttestationChallenge.challenge_id, challenge_id[:64])
+
+    def consume_challenge(self, challenge: AttestationChallenge, now: dt.datetime) -> bool:
+        """Mark a challenge used; False if a concurrent request used it first."""
+        return bool(AttestationChallenge.update(used_at=now)
+                    .where((AttestationChallenge.id == challenge.id)
+                           & AttestationChallenge.used_at.is_null()).execute())
+
     def serial_exists(self, serial: int) -> bool:
         return Certificate.select().where(Certificate.serial == str(serial)).exists()
 
@@ -297,10 +308,14 @@ class Repository:
         the work it describes)."""
         text = detail if isinstance(detail, str) else json.dumps(detail, sort_keys=True,
                                                                  default=str)
+        def clip(value: str | None, size: int) -> str | None:  # PostgreSQL refuses overflow
+            return value if value is None else value[:size]
+
         with self.transaction():
-            AuditEvent.create(actor=actor, action=action, outcome=outcome, code=code,
-                              device_id=device_id, group_name=group,
-                              remote_addr=remote_addr, detail=text)
+            AuditEvent.create(actor=clip(actor, 128), action=clip(action, 64),
+                              outcome=clip(outcome, 16), code=clip(code, 64),
+                              device_id=clip(device_id, 64), group_name=clip(group, 64),
+                              remote_addr=clip(remote_addr, 64), detail=text[:16384])
 
     def audit_events(self, device_id: str | None = None, limit: int = 100
                      ) -> list[AuditEvent]:

@@ -1,0 +1,235 @@
+"""Operator commands for TPM attestation: EK allowlists, golden PCRs, evidence, AK pins.
+
+    enroll-server group allow-ek GROUP (--ek-cert F | --ek-public F | --ek-sha256 HEX)
+    enroll-server group set-pcrs GROUP --pcrread F [--pcrs sha256:0,1,2,7] | --clear
+    enroll-server devices evidence ID            (also: devices show ID --evidence)
+    enroll-server devices unpin-ak ID
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+from cryptography import x509
+
+from . import attestation as att
+from .cli_ops import Context, _cell, devices, fail, group, json_option, operator, pass_context
+from .errors import EnrollError
+from .store.models import AttestationEvidence, Certificate, Device, EkAllowlistEntry
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _ek_identity(ek_cert: Path | None, ek_public: Path | None, ek_sha256: str | None) -> str:
+    given = [v for v in (ek_cert, ek_public, ek_sha256) if v is not None]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --ek-cert, --ek-public, --ek-sha256")
+    try:
+        if ek_cert is not None:
+            data = ek_cert.read_bytes()
+            certificate = (x509.load_pem_x509_certificate(data) if data.startswith(b"-----")
+                           else att.load_ek_certificate(data))
+            return att.key_identity(certificate.public_key())
+        if ek_public is not None:
+            return att.ek_identity(ek_public.read_bytes())
+    except (ValueError, EnrollError) as error:
+        raise click.BadParameter(f"not an EK certificate / TPM2B_PUBLIC: {error}") from None
+    identity = (ek_sha256 or "").strip().lower()
+    if not _HEX64.fullmatch(identity):
+        raise click.BadParameter("64 hex digits (SHA-256 of the EK SubjectPublicKeyInfo)",
+                                 param_hint="--ek-sha256")
+    return identity
+
+
+@group.command("allow-ek", epilog="""\b
+Examples:
+  enroll-server group allow-ek fleet --ek-cert ek.der --note "rack 4, unit 12"
+  tpm2_createek -c ek.ctx -G ecc -u ek.pub && enroll-server group allow-ek fleet --ek-public ek.pub
+  enroll-server group allow-ek fleet --ek-sha256 3f1c...e9 --remove
+""")
+@click.argument("group_name")
+@click.option("--ek-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="EK certificate (DER as read from NV, or PEM).")
+@click.option("--ek-public", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="EK TPM2B_PUBLIC as `tpm2_createek -u` writes it.")
+@click.option("--ek-sha256", help="The device id: hex SHA-256 of the EK public key (SPKI).")
+@click.option("--note", default="", help="Free text kept with the entry.")
+@click.option("--remove", is_flag=True, help="Remove the EK from the allowlist instead.")
+@pass_context
+def group_allow_ek(ctx: Context, group_name: str, ek_cert: Path | None,
+                   ek_public: Path | None, ek_sha256: str | None, note: str,
+                   remove: bool) -> None:
+    """Allow one TPM (by its EK) to enroll in a group with --ek-policy allowlist."""
+    identity = _ek_identity(ek_cert, ek_public, ek_sha256)
+    repository = ctx.repository()
+    try:
+        group_row = repository.group(group_name)
+    except EnrollError as error:
+        fail(error)
+    with repository.transaction():
+        if remove:
+            changed = EkAllowlistEntry.delete().where(
+                (EkAllowlistEntry.group == group_row)
+                & (EkAllowlistEntry.ek_sha256 == identity)).execute()
+        else:
+            changed = (EkAllowlistEntry.insert(group=group_row, ek_sha256=identity,
+                                               note=note[:256])
+                       .on_conflict_ignore().execute()) and 1
+    repository.audit(actor=operator(), action="group.allow_ek", outcome="success",
+                     group=group_name, device_id=identity,
+                     detail={"remove": remove, "changed": bool(changed)})
+    verb = "Removed" if remove else "Allowed"
+    click.echo(f"{verb} EK {identity} {'from' if remove else 'in'} group {group_name!r}"
+               f"{'' if changed else ' (no change)'}.")
+    if not remove and group_row.ek_policy != "allowlist":
+        click.echo("Note: this group trusts any TPM of its manufacturers (--ek-policy "
+                   "manufacturer); the allowlist is consulted only with --ek-policy "
+                   "allowlist.", err=True)
+
+
+def _parse_selection(text: str) -> dict[str, list[int]]:
+    selection: dict[str, list[int]] = {}
+    for part in text.split("+"):
+        bank, _, indexes = part.partition(":")
+        try:
+            selection[bank.strip()] = sorted({int(i) for i in indexes.split(",") if i.strip()})
+        except ValueError:
+            raise click.BadParameter("like sha256:0,1,2,7 (banks joined by +)",
+                                     param_hint="--pcrs") from None
+    return selection
+
+
+@group.command("set-pcrs", epilog="""\b
+Examples (record golden values from a reference device running good firmware):
+  tpm2_pcrread sha256:0,1,2,3,7 -o /dev/null > reference.yaml
+  enroll-server group set-pcrs fleet --pcrread reference.yaml
+  enroll-server group set-pcrs fleet --pcrread reference.yaml --pcrs sha256:0,7
+  enroll-server group set-pcrs fleet --clear
+""")
+@click.argument("group_name")
+@click.option("--pcrread", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Output of `tpm2_pcrread` on a reference device.")
+@click.option("--pcrs", help="Which PCRs of it make the policy (default: all it lists).")
+@click.option("--clear", is_flag=True, help="Remove the boot-state policy.")
+@pass_context
+def group_set_pcrs(ctx: Context, group_name: str, pcrread: Path | None, pcrs: str | None,
+                   clear: bool) -> None:
+    """Set the group's boot-state policy: golden PCR values every device must quote."""
+    if clear == (pcrread is not None):
+        raise click.UsageError("give --pcrread FILE or --clear")
+    document = ""
+    if pcrread is not None:
+        try:
+            reference = att.parse_tpm2_pcrread(pcrread.read_text())
+            chosen = _parse_selection(pcrs) if pcrs else {b: list(v) for b, v in
+                                                          reference.items()}
+            policy = att.golden_pcr_policy(reference, chosen)
+        except (ValueError, KeyError) as error:
+            raise click.BadParameter(str(error), param_hint="--pcrread/--pcrs") from None
+        document = json.dumps(att.pcr_policy_to_json(policy), sort_keys=True)
+    repository = ctx.repository()
+    try:
+        group_row = repository.group(group_name)
+    except EnrollError as error:
+        fail(error)
+    with repository.transaction():
+        type(group_row).update(pcr_policy=document).where(
+            type(group_row).id == group_row.id).execute()
+    repository.audit(actor=operator(), action="group.set_pcrs", outcome="success",
+                     group=group_name, detail=document or "cleared")
+    if clear:
+        click.echo(f"Group {group_name!r} has no boot-state policy now.")
+    else:
+        summary = ", ".join(f"{bank}:{','.join(map(str, sorted(values)))}"
+                            for bank, values in policy.items())
+        click.echo(f"Group {group_name!r} now requires a quote of {summary} with these "
+                   "values.")
+
+
+def evidence_records(device_id: str) -> list[dict[str, Any]]:
+    """What justified each attested certificate of a device (newest first)."""
+    rows = (AttestationEvidence.select(AttestationEvidence, Certificate)
+            .join(Certificate).join(Device).where(Device.device_id == device_id)
+            .order_by(AttestationEvidence.id.desc()))
+    return [_describe(row) for row in rows]
+
+
+def _describe(row: AttestationEvidence) -> dict[str, Any]:
+    certify = att.parse_attest(bytes(row.certify_info))
+    record: dict[str, Any] = {
+        "serial": format(int(row.certificate.serial), "x"), "at": row.created_at,
+        "ak_name": att.object_name(att.parse_public(bytes(row.ak_public))).hex(),
+        "device_key_name": att.object_name(
+            att.parse_public(bytes(row.device_key_public))).hex(),
+        "certify_type": "creation" if int(certify.type) == 0x801A else "certify",
+        "nonce": bytes(row.nonce).hex(), "ek_certificate": None, "quote": None,
+        "raw": {name: base64.b64encode(bytes(value)).decode() for name in (
+            "ek_certificate", "ek_public", "ak_public", "certify_info", "certify_signature",
+            "device_key_public", "quote_info", "quote_signature")
+            if (value := getattr(row, name)) is not None},
+    }
+    if row.ek_certificate is not None:
+        cert = x509.load_der_x509_certificate(bytes(row.ek_certificate))
+        record["ek_certificate"] = {"issuer": cert.issuer.rfc4514_string(),
+                                    "serial": format(cert.serial_number, "x"),
+                                    "not_after": cert.not_valid_after_utc}
+    if row.quote_info is not None:
+        quote = att.parse_attest(bytes(row.quote_info))
+        clock = att.clock_info(quote)
+        record["quote"] = {"pcrs": {bank: list(pcrs) for bank, pcrs in
+                                    att.quote.quoted_selection(quote)},
+                           "pcr_digest": bytes(quote.attested.quote.pcrDigest).hex(),
+                           "reset_count": clock.reset_count}
+    return record
+
+
+def print_evidence(records: list[dict[str, Any]]) -> None:
+    if not records:
+        click.echo("(no attestation evidence: not enrolled with a TPM)")
+    for record in records:
+        click.echo(f"certificate {record['serial']}  ({_cell(record['at'])})")
+        ek = record["ek_certificate"]
+        ek_text = f"{ek['issuer']}, serial {ek['serial']}" if ek else "- (allowlisted EK)"
+        click.echo(f"  EK certificate   {ek_text}")
+        click.echo(f"  AK name          {record['ak_name']}")
+        click.echo(f"  device key name  {record['device_key_name']} ({record['certify_type']})")
+        click.echo(f"  nonce            {record['nonce']}")
+        quote = record["quote"]
+        if quote:
+            click.echo(f"  quote            {quote['pcrs']} digest {quote['pcr_digest'][:16]}... "
+                       f"resetCount {quote['reset_count']}")
+
+
+@devices.command("evidence",
+                 epilog="\b\nExample:\n  enroll-server devices evidence 3f1c...e9 --json")
+@click.argument("device_id")
+@json_option
+@pass_context
+def devices_evidence(ctx: Context, device_id: str, as_json: bool) -> None:
+    """The TPM evidence behind each certificate of a device (--json: raw structures)."""
+    repository = ctx.repository()
+    records = repository.run(lambda: evidence_records(device_id))
+    if as_json:
+        click.echo(json.dumps(records, indent=2, default=str))
+    else:
+        print_evidence(records)
+
+
+@devices.command("unpin-ak", epilog="\b\nExample:\n  enroll-server devices unpin-ak 3f1c...e9")
+@click.argument("device_id")
+@pass_context
+def devices_unpin_ak(ctx: Context, device_id: str) -> None:
+    """Re-admit a TPM whose attestation key changed (e.g. after TPM2_Clear)."""
+    repository = ctx.repository()
+    with repository.transaction():
+        changed = Device.update(ak_name="").where(Device.device_id == device_id).execute()
+    if not changed:
+        raise click.ClickException(f"no device {device_id!r}; see `enroll-server devices list`")
+    repository.audit(actor=operator(), action="device.unpin_ak", outcome="success",
+                     device_id=device_id)
+    click.echo(f"Device {device_id}'s next attested enrollment pins the AK it presents.")
