@@ -83,6 +83,7 @@ class DeviceState:
         """Write the key, chain, certificate, then status.json; return the status."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         status = EnrollmentStatus.of(certificate, enrolled_at or dt.datetime.now(dt.UTC))
+        chain = issuer_first(certificate, chain)
         atomic_write(self.key_path, tss2_key_pem, 0o600)
         atomic_write(self.chain_path, b"".join(c.public_bytes(PEM) for c in chain))
         atomic_write(self.certificate_path, certificate.public_bytes(PEM))
@@ -122,7 +123,27 @@ class DeviceState:
                 != device_key.public_bytes(serialization.Encoding.DER, spki)):
             return None
         try:
-            certificate.verify_directly_issued_by(chain[0])
+            certificate.verify_directly_issued_by(issuer_first(certificate, chain)[0])
         except (InvalidSignature, ValueError, TypeError):
             return None
         return certificate
+
+
+def issuer_first(certificate: x509.Certificate,
+                 chain: list[x509.Certificate]) -> list[x509.Certificate]:
+    """The chain ordered from the certificate's issuer up to the root.
+
+    EST /cacerts is a CMS SET OF certificates (RFC 5652 10.2.3, DER sorts its members), so
+    its order says nothing; TLS and verifiers want issuer first (RFC 8446 4.4.2).
+    """
+    remaining, ordered, name = list(chain), [], certificate.issuer
+    while remaining:
+        issuer = next((c for c in remaining if c.subject == name), None)
+        if issuer is None:
+            break
+        ordered.append(issuer)
+        remaining.remove(issuer)
+        if issuer.subject == issuer.issuer:
+            break
+        name = issuer.issuer
+    return ordered + remaining
