@@ -18,12 +18,10 @@ a forked child must not inherit (FIELD-NOTES, HSM).
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import http.client
 import multiprocessing as mp
 import os
-import platform
 import queue
 import secrets
 import shutil
@@ -35,12 +33,10 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import cryptography
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -48,6 +44,10 @@ from cryptography.x509.oid import NameOID
 
 from device_sdk.est import decode_certs_only
 
+from .bench_report import Progress, machine_info, process_tree_cpu_seconds
+from .bench_report import no_progress as _no_progress
+from .bench_report import percentile as _percentile
+from .bench_report import signals_held as _signals_held
 from .served import ServedInstance, ServerProcessError
 
 # From the issue: at 16 clients, HTTPS rate >= 15% of the bare issuance rate, p99 < 50 ms.
@@ -55,8 +55,6 @@ TARGET_RATIO = 0.15
 TARGET_P99_MS = 50.0
 ENROLL_PATH = "/.well-known/est/simpleenroll"
 DEVICE_PREFIX = "bench"
-
-Progress = Callable[[str, bool], None]  # (text, final line?)
 
 
 class BenchError(RuntimeError):
@@ -74,10 +72,6 @@ class EstBenchOptions:
     bare_seconds: float = 2.0
     timeout: float = 30.0
     keep: bool = False  # keep the instance directory (and server log) for inspection
-
-
-def _no_progress(text: str, final: bool) -> None:
-    pass
 
 
 # -- workload ------------------------------------------------------------------------------
@@ -169,34 +163,6 @@ def bare_issuance_rate(settings: Any, bodies: list[bytes], seconds: float) -> di
             "issuances_per_second": round(count / elapsed, 1),
             "cpu_ms_per_issuance": round(1000 * cpu / count, 3),
             "signer": type(signer.private_key).__name__}
-
-
-# -- server CPU from /proc -----------------------------------------------------------------
-
-def _stat_fields(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/stat") as handle:
-        text = handle.read()
-    return text[text.rindex(")") + 2:].split()  # fields from "state" on (proc(5))
-
-
-def process_tree_cpu_seconds(root_pid: int) -> float:
-    """utime + stime of root_pid and its direct children (gunicorn master + workers)."""
-    pids = [root_pid]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if int(_stat_fields(int(entry))[1]) == root_pid:
-                    pids.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue  # exited meanwhile
-    ticks = 0
-    for pid in pids:
-        try:
-            fields = _stat_fields(pid)
-            ticks += int(fields[11]) + int(fields[12])
-        except (OSError, ValueError, IndexError):
-            continue
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 # -- load clients (run in spawned processes) -----------------------------------------------
@@ -304,29 +270,6 @@ def client_process(host: str, port: int, trust_anchor: str, threads: int,
 
 
 # -- the run -------------------------------------------------------------------------------
-
-def _percentile(sorted_values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, int(-(-fraction * len(sorted_values) // 1)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
-def machine_info() -> dict[str, Any]:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next((line.split(":", 1)[1].strip() for line in handle
-                          if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
-            "python": platform.python_version(), "openssl": ssl.OPENSSL_VERSION,
-            "cryptography": cryptography.__version__,
-            # Other work on the machine skews every number: recorded, not corrected.
-            "load_average_1min": round(os.getloadavg()[0], 2)}
-
 
 def _instance_settings(instance: ServedInstance) -> Any:
     from enroll_server.config import load_settings
@@ -441,20 +384,6 @@ def run_est_bench(options: EstBenchOptions,
 
     return _report(options, processes, warmup, bare, reports, elapsed, server_cpu,
                    recorded, str(tmp) if options.keep else None)
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Cleanup runs to the end: a second Ctrl-C or SIGTERM waits until it is done."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in held.items():
-            signal.signal(sig, handler)
 
 
 def _next_result(results: Any, workers: list[Any], instance: ServedInstance,
