@@ -94,6 +94,42 @@ class AttestationSettings:
 
 
 @dataclass(frozen=True)
+class RevocationSettings:
+    # CRL (RFC 5280 5.1.2.5): nextUpdate = thisUpdate + validity; rebuilt on every
+    # revocation and whenever the newest CRL is older than refresh.
+    crl_validity_hours: int = 24
+    crl_refresh_hours: int = 6
+    # OCSP (RFC 6960 4.2.2.1): nextUpdate of good/revoked answers; cached until then.
+    ocsp_validity_minutes: int = 10
+    # Delegated OCSP responder certificate (RFC 6960 4.2.2.2), re-issued before it ends.
+    responder_lifetime_days: int = 30
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """The broker the outbox relay publishes notices to (mTLS, QoS 1)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8883
+    ca_file: Path = Path("ca/ca-chain.pem")
+    client_cert: Path = Path("mqtt/publisher.pem")
+    client_key: Path = Path("mqtt/publisher.key")
+    topic_prefix: str = "fleet"
+    # The broker's crlfile, kept current by the relay; SIGHUP makes Mosquitto re-read it.
+    broker_crl_file: Path = Path("mqtt/crl.pem")
+    broker_pid_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class NoticeSettings:
+    ttl_days: int = 30  # a notice's "exp" claim
+    # Renewal-due notices at this fraction of a certificate's lifetime, plus jitter of up
+    # to jitter_fraction of the lifetime, so a fleet does not come back all at once.
+    renewal_fraction: float = 0.667
+    renewal_jitter_fraction: float = 0.05
+
+
+@dataclass(frozen=True)
 class OperatorSettings:
     # SHA-256 (hex) of the operator API bearer credential created by `enroll-server init`.
     credential_sha256: str = ""
@@ -108,6 +144,9 @@ class Settings:
     ca: CASettings = field(default_factory=CASettings)
     issuance: IssuanceSettings = field(default_factory=IssuanceSettings)
     attestation: AttestationSettings = field(default_factory=AttestationSettings)
+    revocation: RevocationSettings = field(default_factory=RevocationSettings)
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
+    notices: NoticeSettings = field(default_factory=NoticeSettings)
     operator: OperatorSettings = field(default_factory=OperatorSettings)
 
     def resolve(self, path: Path) -> Path:
@@ -243,6 +282,21 @@ def _validate(s: Settings) -> None:
          "attestation.challenge_ttl_seconds", "must be between 5 and 3600")
     need(s.attestation.max_open_challenges >= 1, "attestation.max_open_challenges",
          "must be at least 1")
+    need(1 <= s.revocation.crl_validity_hours <= 24 * 30, "revocation.crl_validity_hours",
+         "must be between 1 and 720")
+    need(1 <= s.revocation.crl_refresh_hours < s.revocation.crl_validity_hours,
+         "revocation.crl_refresh_hours", "must be >= 1 and below crl_validity_hours")
+    need(1 <= s.revocation.ocsp_validity_minutes <= 7 * 24 * 60,
+         "revocation.ocsp_validity_minutes", "must be between 1 and 10080")
+    need(2 <= s.revocation.responder_lifetime_days <= 365,
+         "revocation.responder_lifetime_days", "must be between 2 and 365")
+    need(1 <= s.mqtt.port <= 65535, "mqtt.port", "must be between 1 and 65535")
+    need(0.1 <= s.notices.renewal_fraction < 1, "notices.renewal_fraction",
+         "must be in [0.1, 1)")
+    need(0 <= s.notices.renewal_jitter_fraction <= 0.2
+         and s.notices.renewal_fraction + s.notices.renewal_jitter_fraction < 1,
+         "notices.renewal_jitter_fraction", "must be in [0, 0.2] and end before expiry")
+    need(s.notices.ttl_days >= 1, "notices.ttl_days", "must be at least 1")
 
 
 def _resolve_paths(obj: typing.Any, base: Path) -> typing.Any:

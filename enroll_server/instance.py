@@ -6,6 +6,8 @@
                                offline once the instance works
     DIR/ca/issuing-ca.pem      issuing CA certificate; its key is in the PKCS#11 token
     DIR/ca/ca-chain.pem        issuing + root: the trust anchor file to give clients
+    DIR/ca/ocsp-responder.*    delegated OCSP responder key + certificate (RFC 6960 4.2.2.2)
+    DIR/ca/notice-signer.*     notice-signing key + certificate (signed MQTT notices)
     DIR/softhsm/               SoftHSM2 token store (only when no token was configured)
     DIR/tls/server.pem|.key    the EST listener's TLS certificate and key
     DIR/secrets/               HSM PIN, root key passphrase, operator credential (0600)
@@ -15,6 +17,7 @@ Refuses to touch a directory that already holds an instance.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 import secrets
@@ -25,7 +28,7 @@ import tomli_w
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .ca import hierarchy
+from .ca import delegated, hierarchy
 from .ca.keys import (
     Pkcs11PrivateKey,
     generate_pkcs11_ec_key,
@@ -33,6 +36,7 @@ from .ca.keys import (
     load_file_private_key,
     write_file_private_key,
 )
+from .ca.signer import Signer
 from .config import load_settings
 from .store.db import migrate, open_database
 from .store.repository import Repository
@@ -117,6 +121,8 @@ def init_instance(options: InitOptions) -> dict[str, str]:
     with database.connection_context():
         migrate(database)
     repository = Repository(database)
+    _prepare_revocation(settings, repository, Signer(
+        issuing_certificate, issuing_key, (root_certificate,)))
     repository.audit(actor=f"operator:{_whoami()}", action="instance.init",
                      outcome="success", detail={"ca_key": options.ca_key,
                                                 "directory": str(directory)})
@@ -124,6 +130,20 @@ def init_instance(options: InitOptions) -> dict[str, str]:
     return {"directory": str(directory), "config": str(directory / "config.toml"),
             "trust_anchor": str(directory / "ca/ca-chain.pem"),
             "operator_credential_file": str(directory / "secrets/operator.token")}
+
+
+def _prepare_revocation(settings, repository: Repository, signer: Signer) -> None:
+    """The OCSP responder and notice-signing delegates, and CRL number 1, so a fresh
+    instance serves every revocation artefact from its first request."""
+    from .revocation import CrlPublisher
+    from .services import delegates_dir
+
+    directory = delegates_dir(settings)
+    delegated.ocsp_responder(directory, signer, settings.revocation.responder_lifetime_days)
+    delegated.notice_signer(directory, signer)
+    with repository.transaction():
+        CrlPublisher(settings.revocation, signer,
+                     lambda: dt.datetime.now(dt.UTC)).publish()
 
 
 def _create_issuing_key(options: InitOptions, directory: Path, config: dict):

@@ -113,3 +113,27 @@ def test_a_schema_1_database_migrates_forward_keeping_its_rows(tmp_path):
     assert "ek_roots_pem" in {c.name for c in database.get_columns("enrollment_group")}
     assert database.table_exists("attestation_challenge")
     database.close()
+
+
+def _columns(database) -> dict[str, set[str]]:
+    return {table: {c.name for c in database.get_columns(table)}
+            for table in database.get_tables()}
+
+
+@pytest.mark.parametrize("start", [1, 2])
+def test_an_old_database_migrates_to_exactly_the_fresh_schema(tmp_path, start):
+    fresh = store_db.open_database(f"sqlite:///{tmp_path}/fresh.db")
+    fresh.connect()
+    store_db.migrate(fresh)
+    expected = _columns(fresh)
+    fresh.close()
+    old = store_db.open_database(f"sqlite:///{tmp_path}/old.db")
+    old.connect()
+    with old.atomic():
+        for version, step in store_db.MIGRATIONS[:start]:
+            step(old)
+            SchemaVersion.create(version=version)
+    assert "outbox_message" not in old.get_tables()
+    assert store_db.migrate(old) == store_db.SCHEMA_VERSION
+    assert _columns(old) == expected
+    old.close()

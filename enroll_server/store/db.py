@@ -15,9 +15,12 @@ from .models import (
     ALL_MODELS,
     AttestationChallenge,
     AttestationEvidence,
+    Certificate,
     Device,
     EkAllowlistEntry,
     EnrollmentGroup,
+    OutboxMessage,
+    PublishedCrl,
     SchemaVersion,
     database_proxy,
 )
@@ -51,20 +54,30 @@ def open_database(url: str, instance_dir: Path | None = None) -> pw.Database:
     return database
 
 
-# Columns and tables added after schema 1. Schema 1 creates only what existed then, so
-# an old database and a new one end up identical after migrating.
-_SCHEMA_2_COLUMNS = {
-    EnrollmentGroup: ("ek_roots_pem", "ek_policy", "pcr_policy"),
-    Device: ("ak_name", "last_reset_count"),
+# Columns and tables added after schema 1, by the version that added them. Each step
+# creates only what existed at its version, so an old database and a new one end up
+# identical after migrating.
+_ADDED_COLUMNS: dict[int, dict[type[pw.Model], tuple[str, ...]]] = {
+    2: {EnrollmentGroup: ("ek_roots_pem", "ek_policy", "pcr_policy"),
+        Device: ("ak_name", "last_reset_count")},
+    3: {Device: ("revoked_at", "revocation_reason", "notice_sequence"),
+        Certificate: ("renew_at", "renewal_noticed_at")},
 }
-_SCHEMA_2_TABLES = [EkAllowlistEntry, AttestationChallenge, AttestationEvidence]
+_ADDED_TABLES: dict[int, list[type[pw.Model]]] = {
+    2: [EkAllowlistEntry, AttestationChallenge, AttestationEvidence],
+    3: [OutboxMessage, PublishedCrl],
+}
 
 
 @contextmanager
-def _schema_1_view() -> Iterator[None]:
-    """Models as they were at schema 1: later columns hidden from peewee meanwhile."""
-    hidden = {model: {n: model._meta.fields[n] for n in names}
-              for model, names in _SCHEMA_2_COLUMNS.items()}
+def _schema_view(version: int) -> Iterator[None]:
+    """Models as they were at ``version``: later columns hidden from peewee meanwhile."""
+    hidden: dict[type[pw.Model], dict[str, pw.Field]] = {}
+    for added_in, columns in _ADDED_COLUMNS.items():
+        if added_in > version:
+            for model, names in columns.items():
+                hidden.setdefault(model, {}).update(
+                    {n: model._meta.fields[n] for n in names})
     for model, fields in hidden.items():
         for name in fields:
             model._meta.remove_field(name)
@@ -77,25 +90,32 @@ def _schema_1_view() -> Iterator[None]:
 
 
 def _create_initial_schema(database: pw.Database) -> None:
-    with _schema_1_view():
-        database.create_tables([m for m in ALL_MODELS if m not in _SCHEMA_2_TABLES])
+    later = {m for tables in _ADDED_TABLES.values() for m in tables}
+    with _schema_view(1):
+        database.create_tables([m for m in ALL_MODELS if m not in later])
         EnrollmentGroup.create(**DEFAULT_GROUP)
 
 
-def _add_tpm_attestation(database: pw.Database) -> None:
-    """Schema 2: TPM attestation (EK roots, allowlists, PCR policy, challenges, evidence)."""
-    migrator = SchemaMigrator.from_database(database)
-    operations = [migrator.add_column(model._meta.table_name, name, model._meta.fields[name])
-                  for model, names in _SCHEMA_2_COLUMNS.items() for name in names]
-    migrate_columns(*operations)
-    database.create_tables(_SCHEMA_2_TABLES)
+def _add_schema(version: int) -> Callable[[pw.Database], None]:
+    def step(database: pw.Database) -> None:
+        with _schema_view(version):
+            migrator = SchemaMigrator.from_database(database)
+            operations = [migrator.add_column(model._meta.table_name, name,
+                                              model._meta.fields[name])
+                          for model, names in _ADDED_COLUMNS[version].items()
+                          for name in names]
+            migrate_columns(*operations)
+            database.create_tables(_ADDED_TABLES[version])
+    step.__doc__ = f"Schema {version}: the columns and tables _ADDED_* list for it."
+    return step
 
 
 # Forward migrations, in order. Each runs in one transaction and bumps the version.
 # Append new steps; never edit a released one.
 MIGRATIONS: list[tuple[int, Callable[[pw.Database], None]]] = [
     (1, _create_initial_schema),
-    (2, _add_tpm_attestation),
+    (2, _add_schema(2)),  # TPM attestation: EK roots, allowlists, PCR policy, evidence
+    (3, _add_schema(3)),  # revocation, notices (outbox), CRLs, renewal scheduling
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

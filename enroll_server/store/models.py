@@ -64,6 +64,11 @@ class Device(BaseModel):
     # last TPM resetCount seen in a quote (it must never go backwards).
     ak_name = pw.CharField(max_length=140, default="")
     last_reset_count = pw.BigIntegerField(null=True)
+    # Revocation and notices (schema 3): why and when the device was revoked, and the last
+    # notice sequence number used for it (notices carry strictly increasing sequences).
+    revoked_at = pw.DateTimeField(null=True)
+    revocation_reason = pw.CharField(max_length=32, null=True)
+    notice_sequence = pw.BigIntegerField(default=0)
 
 
 class Certificate(BaseModel):
@@ -81,6 +86,10 @@ class Certificate(BaseModel):
     revocation_reason = pw.CharField(max_length=32, null=True)
     issued_via = pw.CharField(max_length=16)
     created_at = pw.DateTimeField(default=utcnow)
+    # Renewal (schema 3): when a renewal-due notice is to go out (a point of the lifetime
+    # plus jitter), and when it went out.
+    renew_at = pw.DateTimeField(null=True, index=True)
+    renewal_noticed_at = pw.DateTimeField(null=True)
 
 
 class EnrollmentToken(BaseModel):
@@ -162,6 +171,39 @@ class AttestationEvidence(BaseModel):
     created_at = pw.DateTimeField(default=utcnow)
 
 
+class OutboxMessage(BaseModel):
+    """A notice to publish over MQTT, written in the transaction that decided it.
+
+    The relay claims rows (PostgreSQL: FOR UPDATE SKIP LOCKED; SQLite: a lease), publishes
+    them with QoS 1, and sets ``sent_at`` after the broker's PUBACK.
+    """
+
+    topic = pw.CharField(max_length=256)
+    payload = pw.TextField()
+    retain = pw.BooleanField(default=False)
+    kind = pw.CharField(max_length=32)  # "revocation", "renewal_due", "ca_rotation"
+    device_id = pw.CharField(max_length=64, null=True, index=True)
+    created_at = pw.DateTimeField(default=utcnow)
+    available_at = pw.DateTimeField(default=utcnow, index=True)  # retry backoff
+    attempts = pw.IntegerField(default=0)
+    last_error = pw.CharField(max_length=256, default="")
+    lease_owner = pw.CharField(max_length=64, null=True)
+    lease_until = pw.DateTimeField(null=True)
+    sent_at = pw.DateTimeField(null=True, index=True)
+
+
+class PublishedCrl(BaseModel):
+    """Every CRL the CA issued; the newest is served. A failed build adds no row, so the
+    last good CRL keeps being served (RFC 5280 5.2.3: numbers strictly increase)."""
+
+    crl_number = pw.BigIntegerField(unique=True)
+    der = pw.BlobField()
+    this_update = pw.DateTimeField()
+    next_update = pw.DateTimeField()
+    entries = pw.IntegerField()
+    created_at = pw.DateTimeField(default=utcnow)
+
+
 ALL_MODELS = [SchemaVersion, EnrollmentGroup, Device, Certificate, EnrollmentToken,
               PendingRequest, AuditEvent, EkAllowlistEntry, AttestationChallenge,
-              AttestationEvidence]
+              AttestationEvidence, OutboxMessage, PublishedCrl]

@@ -1,0 +1,115 @@
+"""Operator commands for revocation: revoke, readmit, crl.
+
+    enroll-server revoke --device ID | --serial HEX | --group NAME [--reason R]
+    enroll-server readmit ID
+    enroll-server crl publish | show
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .cli_ops import Context, fail, json_option, main, operator, pass_context
+from .errors import EnrollError
+from .revocation import REASONS
+
+
+@main.command(epilog="""\b
+Examples:
+  enroll-server revoke --device 3f1c...e9 --reason keyCompromise
+  enroll-server revoke --serial 4A1F...C3 --reason superseded
+  enroll-server revoke --group lab-2024 --reason cessationOfOperation --json
+\b
+The revocation is committed before this command returns: CRL, OCSP and the broker's
+CRL follow at once, and a signed notice to the device goes out through the relay.""")
+@click.option("--device", "device_id", help="Revoke the device and all its certificates.")
+@click.option("--serial", help="Revoke one certificate (hex, as `certs list` shows it).")
+@click.option("--group", "group_name", help="Revoke every device of an enrollment group.")
+@click.option("--reason", default="unspecified", show_default=True,
+              type=click.Choice(list(REASONS)), help="RFC 5280 5.3.1 CRLReason.")
+@json_option
+@pass_context
+def revoke(ctx: Context, device_id: str | None, serial: str | None, group_name: str | None,
+           reason: str, as_json: bool) -> None:
+    """Revoke a device, a certificate or a whole group (RFC 5280 reason)."""
+    from .services import build_revocation
+
+    if sum(v is not None for v in (device_id, serial, group_name)) != 1:
+        raise click.UsageError("give exactly one of --device, --serial, --group")
+    service = build_revocation(ctx.settings(), ctx.repository())
+    try:
+        result = service.revoke(actor=operator(), reason=reason, device_id=device_id,
+                                serial=serial, group=group_name)
+    except EnrollError as error:
+        fail(error)
+    if as_json:
+        click.echo(json.dumps({"devices": result.devices,
+                               "serials": [format(int(s), "x") for s in result.serials],
+                               "already_revoked": result.already_revoked,
+                               "crl_number": result.crl_number}))
+        return
+    click.echo(f"Revoked {len(result.serials)} certificate(s) of {len(result.devices)} "
+               f"device(s), reason {reason}."
+               + (f" {result.already_revoked} already revoked." if result.already_revoked
+                  else ""))
+    if result.crl_number is None:
+        click.echo("warning: the CRL could not be rebuilt now (HSM or database busy); the "
+                   "relay rebuilds it. OCSP already answers 'revoked'.", err=True)
+    else:
+        click.echo(f"CRL number {result.crl_number} published; notices queued for the relay.")
+
+
+@main.command(epilog="\b\nExample:\n  enroll-server readmit 3f1c...e9")
+@click.argument("device_id")
+@pass_context
+def readmit(ctx: Context, device_id: str) -> None:
+    """Let a revoked device enroll again (its old certificates stay revoked)."""
+    from .services import build_revocation
+
+    service = build_revocation(ctx.settings(), ctx.repository())
+    try:
+        service.readmit(device_id, operator())
+    except EnrollError as error:
+        fail(error)
+    click.echo(f"Device {device_id} may enroll again; its revoked certificates stay revoked.")
+
+
+@main.group()
+def crl() -> None:
+    """The issuing CA's certificate revocation list."""
+
+
+@crl.command("publish")
+@pass_context
+def crl_publish(ctx: Context) -> None:
+    """Build and publish a new CRL now."""
+    from .services import build_revocation
+
+    service = build_revocation(ctx.settings(), ctx.repository())
+    number = service.republish_crl()
+    if number is None:
+        raise click.ClickException("the CRL could not be built; see the log")
+    click.echo(f"Published CRL number {number}.")
+
+
+@crl.command("show")
+@json_option
+@pass_context
+def crl_show(ctx: Context, as_json: bool) -> None:
+    """The newest published CRL."""
+    from .revocation import CrlPublisher
+
+    repository = ctx.repository()
+    latest = repository.run(CrlPublisher.latest)
+    if latest is None:
+        raise click.ClickException("no CRL published yet: enroll-server crl publish")
+    info = {"crl_number": latest.crl_number, "entries": latest.entries,
+            "this_update": latest.this_update, "next_update": latest.next_update,
+            "bytes": len(bytes(latest.der))}
+    if as_json:
+        click.echo(json.dumps(info, default=str))
+    else:
+        for key, value in info.items():
+            click.echo(f"{key:12} {value}")

@@ -1,0 +1,65 @@
+"""NoticeIssuer: turns a decision into signed notices in the outbox, in the caller's
+transaction (ARCHITECTURE: "certificate row + outbox row written together").
+
+Each notice takes the device's next sequence number (Device.notice_sequence, bumped in
+the same transaction, so it is strictly increasing per device across replicas), is signed
+with the notice-signing key, and becomes one outbox row for the device's topic (retained:
+a device that connects later gets the latest) plus, for revocations, one for the group's
+fleet-wide revocation topic (gateways; not retained, every revocation matters).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+
+import peewee as pw
+
+from ..ca.delegated import Delegate
+from ..config import NoticeSettings
+from ..store.models import Device, OutboxMessage
+from .notices import Notice, fleet_revocation_topic, sign_notice, topic_for
+
+
+class NoticeIssuer:
+    def __init__(self, settings: NoticeSettings, signer: Delegate, topic_prefix: str = "fleet"):
+        self.settings = settings
+        self.signer = signer
+        self.topic_prefix = topic_prefix
+
+    def _topic(self, topic: str) -> str:
+        # notices.topic_for uses the "fleet/" prefix; an instance may choose another.
+        return self.topic_prefix + topic[len("fleet"):] if self.topic_prefix != "fleet" \
+            else topic
+
+    def enqueue(self, device: Device, kind: str, serial: int | str, now: dt.datetime,
+                reason: str | None = None,
+                extra: Mapping[str, object] | None = None) -> Notice:  # fmt: skip
+        """Sign a notice for ``device`` and write its outbox rows. Call inside the
+        transaction that made the decision."""
+        Device.update(notice_sequence=Device.notice_sequence + 1).where(
+            Device.id == device.id).execute()
+        sequence = Device.select(Device.notice_sequence).where(
+            Device.id == device.id).scalar()
+        group = device.group.name
+        notice = Notice(device_id=device.device_id, type=kind, serial=str(serial),
+                        sequence=int(sequence), issued_at=now,
+                        expires_at=now + dt.timedelta(days=self.settings.ttl_days),
+                        group=group, reason=reason, extra=dict(extra or {}))
+        token = sign_notice(notice, self.signer.key, self.signer.chain)
+        rows = [{"topic": self._topic(topic_for(group, device.device_id)), "payload": token,
+                 "retain": True, "kind": kind, "device_id": device.device_id}]
+        if kind == "revocation":
+            rows.append({"topic": self._topic(fleet_revocation_topic(group)),
+                         "payload": token, "retain": False, "kind": kind,
+                         "device_id": device.device_id})
+        naive_now = now.astimezone(dt.UTC).replace(tzinfo=None)
+        for row in rows:
+            row |= {"created_at": naive_now, "available_at": naive_now}
+        OutboxMessage.insert_many(rows).execute()
+        return notice
+
+
+def pending_notices(limit: int = 100) -> pw.ModelSelect:
+    return (OutboxMessage.select().where(OutboxMessage.sent_at.is_null())
+            .order_by(OutboxMessage.id).limit(limit))

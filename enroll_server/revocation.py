@@ -1,0 +1,207 @@
+"""RevocationService: the one place that orders a revocation; CrlPublisher: the CRL.
+
+    revoke: find the certificates -> one transaction: certificates revoked (time, RFC 5280
+            5.3.1 reason), device(s) revoked, signed notices into the outbox, audit row
+            -> commit (from here the revocation survives any crash) -> publish a new CRL.
+
+What learns of it and when:
+- OCSP answers from the database on every request: at once, in every replica;
+- the CRL is rebuilt right after the commit; if that fails, the relay's periodic duty
+  rebuilds it (it notices a revocation newer than the newest CRL);
+- the broker's crlfile and the device notice follow from the relay (notify/).
+
+A revoked device cannot enroll again in any way until an operator re-admits it
+(``readmit``); its certificates stay revoked. Revoking one certificate by serial blocks
+only that certificate (e.g. a key rotated after a suspected compromise).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import peewee as pw
+from cryptography import x509
+
+from .ca.crl import RevokedEntry, build_crl
+from .ca.signer import Signer
+from .config import RevocationSettings
+from .errors import BadRequest, EnrollError, NotFound
+from .notify.issuer import NoticeIssuer
+from .store.models import Certificate, Device, EnrollmentGroup, PublishedCrl
+from .store.repository import Repository, naive_utc
+
+log = logging.getLogger(__name__)
+
+# RFC 5280 5.3.1 CRLReason names; removeFromCRL is for delta CRLs only.
+REASONS = {flag.value: flag for flag in x509.ReasonFlags
+           if flag is not x509.ReasonFlags.remove_from_crl}
+
+
+def parse_reason(name: str) -> x509.ReasonFlags:
+    try:
+        return REASONS[name]
+    except KeyError:
+        raise BadRequest(f"Unknown revocation reason {name[:40]!r}; use one of "
+                         f"{', '.join(REASONS)}.", code="revoke.bad_reason") from None
+
+
+@dataclass
+class RevocationResult:
+    devices: list[str] = field(default_factory=list)
+    serials: list[str] = field(default_factory=list)
+    already_revoked: int = 0
+    crl_number: int | None = None
+
+
+class CrlPublisher:
+    """Builds the issuing CA's CRL from the database and stores it (PublishedCrl)."""
+
+    def __init__(self, settings: RevocationSettings, signer: Signer,
+                 clock: Callable[[], dt.datetime]) -> None:
+        self.settings = settings
+        self.signer = signer
+        self.clock = clock
+
+    def publish(self) -> PublishedCrl:
+        """A complete CRL of every revoked, unexpired certificate; numbers increase."""
+        for _attempt in range(3):
+            now = self.clock()
+            entries = [RevokedEntry(int(serial), revoked_at.replace(tzinfo=dt.UTC),
+                                    REASONS.get(reason or "unspecified"))
+                       for serial, revoked_at, reason in Certificate.select(
+                           Certificate.serial, Certificate.revoked_at,
+                           Certificate.revocation_reason)
+                       .where((Certificate.status == "revoked")
+                              & (Certificate.not_after > naive_utc(now))).tuples()]
+            number = (PublishedCrl.select(pw.fn.MAX(PublishedCrl.crl_number)).scalar() or 0) + 1
+            next_update = now + dt.timedelta(hours=self.settings.crl_validity_hours)
+            der = build_crl(self.signer.private_key, self.signer.ca_certificate, entries,
+                            number, now, next_update)
+            try:
+                return PublishedCrl.create(crl_number=number, der=der,
+                                           this_update=naive_utc(now),
+                                           next_update=naive_utc(next_update),
+                                           entries=len(entries), created_at=naive_utc(now))
+            except pw.IntegrityError:  # another process published this number meanwhile
+                continue
+        raise EnrollError(code="crl.publish_conflict", detail="three CRL number collisions")
+
+    @staticmethod
+    def latest() -> PublishedCrl | None:
+        return PublishedCrl.select().order_by(PublishedCrl.crl_number.desc()).first()
+
+    def is_stale(self) -> bool:
+        """No CRL yet, an old one, or a revocation newer than the newest CRL."""
+        latest = self.latest()
+        if latest is None:
+            return True
+        if latest.created_at < naive_utc(self.clock()) - dt.timedelta(
+                hours=self.settings.crl_refresh_hours):
+            return True
+        newest_revocation = Certificate.select(pw.fn.MAX(Certificate.revoked_at)).scalar()
+        return newest_revocation is not None and newest_revocation > latest.created_at
+
+
+class RevocationService:
+    def __init__(self, repository: Repository, notices: NoticeIssuer, crl: CrlPublisher,
+                 clock: Callable[[], dt.datetime]) -> None:
+        self.repository = repository
+        self.notices = notices
+        self.crl = crl
+        self.clock = clock
+
+    def revoke(self, *, actor: str, reason: str = "unspecified", device_id: str | None = None,
+               serial: str | None = None, group: str | None = None) -> RevocationResult:
+        """Revoke a device (all its certificates), one certificate, or a whole group."""
+        if sum(x is not None for x in (device_id, serial, group)) != 1:
+            raise BadRequest("Name exactly one of device, serial or group.",
+                             code="revoke.target")
+        flag = parse_reason(reason)
+        now = self.clock()
+        result = RevocationResult()
+        with self.repository.transaction():
+            devices, certificates = self._targets(device_id, serial, group, now)
+            result.already_revoked = sum(c.status == "revoked" for c in certificates)
+            live = [c for c in certificates if c.status != "revoked"]
+            if live:
+                Certificate.update(status="revoked", revoked_at=naive_utc(now),
+                                   revocation_reason=flag.value).where(
+                    Certificate.id.in_([c.id for c in live])).execute()
+            blocked = [d for d in devices if d.status != "revoked"]
+            if blocked:
+                Device.update(status="revoked", revoked_at=naive_utc(now),
+                              revocation_reason=flag.value,
+                              updated_at=naive_utc(now)).where(
+                    Device.id.in_([d.id for d in blocked])).execute()
+            newest: dict[int, Certificate] = {}
+            for certificate in live:
+                known = newest.get(certificate.device_id)
+                if known is None or certificate.id > known.id:
+                    newest[certificate.device_id] = certificate
+            notified = {d.id: d for d in blocked} | {c.device.id: c.device for c in live}
+            for device in notified.values():
+                latest = newest.get(device.id) or Certificate.select().where(
+                    Certificate.device == device).order_by(Certificate.id.desc()).first()
+                if latest is not None:  # a device that never had a certificate needs none
+                    self.notices.enqueue(device, "revocation", latest.serial, now,
+                                         reason=flag.value)
+            result.devices = sorted(d.device_id for d in notified.values())
+            result.serials = [c.serial for c in live]
+            self.repository.audit(
+                actor=actor, action="revoke", outcome="success",
+                device_id=device_id or (result.devices[0] if len(result.devices) == 1 else None),
+                group=group, detail={"reason": flag.value, "serials": result.serials[:50],
+                                     "devices": len(result.devices), "target": {
+                                         "device": device_id, "serial": serial, "group": group}})
+        result.crl_number = self.republish_crl()
+        return result
+
+    def republish_crl(self) -> int | None:
+        """After a commit: a failure here loses nothing (the relay rebuilds stale CRLs)."""
+        try:
+            with self.repository.transaction():
+                return self.crl.publish().crl_number
+        except EnrollError as error:  # HSM or database unavailable
+            log.warning("CRL rebuild failed, the previous CRL stays published: %s",
+                        error.detail)
+            return None
+
+    def _targets(self, device_id: str | None, serial: str | None, group: str | None,
+                 now: dt.datetime) -> tuple[list[Device], list[Certificate]]:
+        unexpired = Certificate.not_after > naive_utc(now)
+        if device_id is not None:
+            device = self.repository.device(device_id)
+            if device is None:
+                raise NotFound("No such device.", code="revoke.unknown_device")
+            return [device], list(Certificate.select().where(
+                (Certificate.device == device) & unexpired))
+        if serial is not None:
+            try:
+                decimal = str(int(serial, 16))
+            except ValueError:
+                raise BadRequest("The serial must be hexadecimal.", code="revoke.bad_serial"
+                                 ) from None
+            certificate = Certificate.get_or_none(Certificate.serial == decimal)
+            if certificate is None:
+                raise NotFound("No certificate with this serial.", code="revoke.unknown_serial")
+            return [], [certificate]
+        group_row = EnrollmentGroup.get_or_none(EnrollmentGroup.name == group)
+        if group_row is None:
+            raise NotFound("No such enrollment group.", code="revoke.unknown_group")
+        devices = list(Device.select().where(Device.group == group_row))
+        return devices, list(Certificate.select().join(Device).where(
+            (Device.group == group_row) & unexpired))
+
+    def readmit(self, device_id: str, actor: str) -> None:
+        """Let a revoked device enroll again (its old certificates stay revoked)."""
+        with self.repository.transaction():
+            changed = Device.update(status="active", revoked_at=None, revocation_reason=None,
+                                    updated_at=naive_utc(self.clock())).where(
+                (Device.device_id == device_id) & (Device.status == "revoked")).execute()
+            if not changed:
+                raise NotFound("No revoked device with this id.", code="readmit.not_revoked")
+            self.repository.audit(actor=actor, action="readmit", outcome="success",
+                                  device_id=device_id)
