@@ -107,4 +107,4 @@ def run() -> None:
         sys.exit(2)
 
 
-from . import cli_ops, cli_revoke, cli_tpm  # noqa: E402,F401  (register the commands)
+from . import cli_broker, cli_ops, cli_revoke, cli_tpm  # noqa: E402,F401,I001

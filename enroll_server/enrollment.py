@@ -11,6 +11,7 @@ is a decision, not a refusal).
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -143,12 +144,22 @@ class EnrollmentService:
         certificate = self.signer.issue(csr.public_key(), profile, self.clock())
         Device.update(updated_at=utcnow()).where(Device.id == device.id).execute()
         repo.supersede_active_certificates(device)
-        row = repo.record_certificate(device, certificate, identity.method)
+        row = repo.record_certificate(device, certificate, identity.method,
+                                      renew_at=self.renew_at(certificate))
         if bind is not None:
             bind(device, row)
         PendingRequest.delete().where(
             PendingRequest.device_id == identity.device_id).execute()
         return certificate
+
+    def renew_at(self, certificate: x509.Certificate) -> dt.datetime:
+        """When the renewal-due notice goes out: a point of the lifetime plus jitter, so a
+        fleet enrolled together does not renew together."""
+        notices = self.settings.notices
+        start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+        share = notices.renewal_fraction + secrets.randbelow(1000) / 1000 * (
+            notices.renewal_jitter_fraction)
+        return start + (end - start) * share
 
     def profile_for(self, identity: Identity) -> CertProfile:
         group = identity.group

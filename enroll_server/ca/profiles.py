@@ -24,8 +24,15 @@ KEY_TYPES = ("ec-p256", "ec-p384", "rsa")
 MIN_RSA_BITS = 2048
 
 
+# Broker usernames of the service itself (the relay's publisher certificate): no device
+# may ever be issued one, or it would get the publisher's ACL.
+SERVICE_IDENTITY_PREFIX = "svc."
+
+
 def is_topic_safe(identifier: str) -> bool:
-    return DEVICE_ID_PATTERN.fullmatch(identifier) is not None
+    """Usable as a device id: a safe topic level, and not a reserved service identity."""
+    return (DEVICE_ID_PATTERN.fullmatch(identifier) is not None
+            and not identifier.lower().startswith(SERVICE_IDENTITY_PREFIX))
 
 
 def key_type_of(public_key: object) -> str:

@@ -240,7 +240,8 @@ class Repository:
                 .execute())
 
     def record_certificate(self, device: Device, certificate: x509.Certificate,
-                           issued_via: str) -> Certificate:
+                           issued_via: str, renew_at: dt.datetime | None = None
+                           ) -> Certificate:
         """Store an issued certificate; call inside the enrollment transaction."""
         der = certificate.public_bytes(serialization.Encoding.DER)
         return Certificate.create(
@@ -250,7 +251,8 @@ class Repository:
             subject=certificate.subject.rfc4514_string(),
             not_before=naive_utc(certificate.not_valid_before_utc),
             not_after=naive_utc(certificate.not_valid_after_utc),
-            der=der, issued_via=issued_via)
+            der=der, issued_via=issued_via,
+            renew_at=naive_utc(renew_at) if renew_at is not None else None)
 
     # -- TPM attestation challenges ------------------------------------------------------
     def challenge(self, challenge_id: str) -> AttestationChallenge | None:

@@ -1,0 +1,104 @@
+"""Operator commands for MQTT: the broker's configuration and the outbox relay.
+
+    enroll-server broker-config --dir DIR [--port 8883] [--hostname H ...]
+    enroll-server relay
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import signal
+import threading
+import tomllib
+from pathlib import Path
+
+import click
+import tomli_w
+
+from .cli_ops import Context, main, pass_context
+
+
+@main.command("broker-config", epilog="""\b
+Examples:
+  enroll-server broker-config --dir ./broker
+  mosquitto -c ./broker/mosquitto.conf
+  enroll-server relay
+\b
+Writes mosquitto.conf (TLS listener with require_certificate and use_identity_as_username,
+crlfile, per-device ACL, persistence), the broker certificate, the CRL, and the relay's
+publisher certificate, and points this instance's [mqtt] settings at them.""")
+@click.option("--dir", "directory", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Directory Mosquitto runs from (created).")
+@click.option("--port", default=8883, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--bind", default="127.0.0.1", show_default=True)
+@click.option("--hostname", "hostnames", multiple=True,
+              help="Names in the broker certificate (default: localhost, 127.0.0.1).")
+@click.option("--gateway", "gateways", multiple=True,
+              help="Certificate CN of a gateway allowed to read fleet revocations.")
+@pass_context
+def broker_config(ctx: Context, directory: Path, port: int, bind: str,
+                  hostnames: tuple[str, ...], gateways: tuple[str, ...]) -> None:
+    """Write a Mosquitto configuration that enforces device identities and revocation."""
+    from .notify.broker import write_broker_config
+    from .revocation import CrlPublisher
+    from .services import load_signer
+
+    settings = ctx.settings()
+    repository = ctx.repository()
+    latest = repository.run(CrlPublisher.latest)
+    if latest is None:
+        raise click.ClickException("no CRL published yet: run `enroll-server crl publish`")
+    files = write_broker_config(
+        directory, load_signer(settings), bytes(latest.der), bind=bind, port=port,
+        hostnames=list(hostnames or ("localhost", "127.0.0.1")),
+        publisher_dir=settings.instance_dir / "mqtt", topic_prefix=settings.mqtt.topic_prefix,
+        gateways=gateways)
+    config_path = Path(ctx.config)
+    document = tomllib.loads(config_path.read_text())
+    document["mqtt"] = {**document.get("mqtt", {}), "host": "localhost", "port": port,
+                        "ca_file": "ca/ca-chain.pem", "client_cert": str(files.publisher_cert),
+                        "client_key": str(files.publisher_key),
+                        "broker_crl_file": str(files.crl), "broker_pid_file": str(files.pid_file)}
+    config_path.write_text(tomli_w.dumps(document))
+    repository.audit(actor="operator", action="broker.config", outcome="success",
+                     detail={"dir": str(files.directory), "port": port})
+    click.echo(f"Broker configuration written to {files.directory}")
+    click.echo(f"  start it:   mosquitto -c {files.config}")
+    click.echo("  then:       enroll-server relay   (publishes notices, keeps the CRL current)")
+
+
+@main.command(epilog="""\b
+Examples:
+  enroll-server --config ./instance/config.toml relay
+\b
+Runs until SIGINT/SIGTERM. Several relays may run against one PostgreSQL database.""")
+@click.option("--batch", default=200, show_default=True, type=click.IntRange(1, 10000))
+@pass_context
+def relay(ctx: Context, batch: int) -> None:
+    """Publish queued notices to the broker; renewals, CRL refresh, broker CRL."""
+    from .notify.broker import BrokerCrlSync
+    from .notify.duties import Duties
+    from .notify.outbox import MqttPublisher, OutboxRelay
+    from .revocation import CrlPublisher
+    from .services import load_signer, notice_issuer
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s relay %(levelname)s %(message)s")
+    settings = ctx.settings()
+    repository = ctx.repository()
+    signer = load_signer(settings)
+    clock = lambda: dt.datetime.now(dt.UTC)  # noqa: E731
+    broker = BrokerCrlSync(settings.mqtt.broker_crl_file, settings.mqtt.broker_pid_file)
+    duties = Duties(repository, notice_issuer(settings, signer),
+                    CrlPublisher(settings.revocation, signer, clock), broker, clock)
+    publisher = MqttPublisher(settings.mqtt, client_id=f"enroll-relay-{id(settings):x}")
+    worker = OutboxRelay(repository, publisher, clock, batch=batch)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    click.echo(f"relay {worker.owner}: publishing to {settings.mqtt.host}:{settings.mqtt.port}",
+               err=True)
+    worker.run(stop, duties)
+    click.echo(f"relay stopped after {worker.published} notice(s)", err=True)

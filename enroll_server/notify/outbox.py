@@ -1,0 +1,195 @@
+"""The outbox relay: outbox rows -> MQTT (paho), QoS 1, marked sent after the PUBACK.
+
+Claiming (several relays may run against one database):
+- a row is claimable when unsent, due (``available_at``), not leased by a live relay, and
+  no older unsent row has the same topic (per-topic order: the retained notice a device
+  finds later is always the newest);
+- PostgreSQL claims with ``FOR UPDATE SKIP LOCKED`` then writes a lease, so two relays
+  never take the same row and no lock is held while publishing;
+- SQLite serialises writers, so the same UPDATE without SKIP LOCKED is enough.
+A relay that dies mid-publish leaves leased rows; they become claimable again when the
+lease ends, and are published again: at-least-once delivery. Devices drop duplicates by
+sequence number, so a notice takes effect exactly once.
+
+While the broker is down, publishing fails, rows are released with exponential backoff,
+and nothing is lost: they stay in the database until a PUBACK comes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+import peewee as pw
+
+from ..config import MqttSettings
+from ..store.models import OutboxMessage
+from ..store.repository import Repository, naive_utc
+
+log = logging.getLogger(__name__)
+LEASE = dt.timedelta(seconds=30)
+MAX_BACKOFF = dt.timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    topic: str
+    payload: str
+    retain: bool
+    attempts: int
+
+
+def _claimable(now: dt.datetime) -> pw.Expression:
+    older = OutboxMessage.alias("older")
+    blocked = older.select(older.id).where(
+        (older.topic == OutboxMessage.topic) & older.sent_at.is_null()
+        & (older.id < OutboxMessage.id))
+    return (OutboxMessage.sent_at.is_null() & (OutboxMessage.available_at <= now)
+            & (OutboxMessage.lease_until.is_null() | (OutboxMessage.lease_until < now))
+            & ~pw.fn.EXISTS(blocked))
+
+
+def claim(repository: Repository, owner: str, now: dt.datetime, limit: int) -> list[Claimed]:
+    """Lease up to ``limit`` due rows to ``owner`` and return them (oldest first)."""
+    naive = naive_utc(now)
+    with repository.transaction():
+        query = (OutboxMessage.select(OutboxMessage.id).where(_claimable(naive))
+                 .order_by(OutboxMessage.id).limit(limit))
+        if isinstance(repository.database, pw.PostgresqlDatabase):
+            query = query.for_update("FOR UPDATE SKIP LOCKED")
+        ids = [row.id for row in query]
+        if not ids:
+            return []
+        OutboxMessage.update(lease_owner=owner, lease_until=naive + LEASE).where(
+            OutboxMessage.id.in_(ids)).execute()
+        rows = (OutboxMessage.select().where(OutboxMessage.id.in_(ids))
+                .order_by(OutboxMessage.id))
+        return [Claimed(r.id, r.topic, r.payload, r.retain, r.attempts) for r in rows]
+
+
+def mark_sent(repository: Repository, owner: str, ids: list[int], now: dt.datetime) -> None:
+    if ids:
+        with repository.transaction():
+            OutboxMessage.update(sent_at=naive_utc(now), lease_owner=None, lease_until=None,
+                                 attempts=OutboxMessage.attempts + 1).where(
+                OutboxMessage.id.in_(ids) & (OutboxMessage.lease_owner == owner)).execute()
+
+
+def release(repository: Repository, owner: str, failed: list[Claimed], error: str,
+            now: dt.datetime) -> None:
+    """Back off: the rows become due again after 1, 2, 4 ... 60 s."""
+    with repository.transaction():
+        for row in failed:
+            delay = min(MAX_BACKOFF, dt.timedelta(seconds=2 ** min(row.attempts, 6)))
+            OutboxMessage.update(lease_owner=None, lease_until=None,
+                                 attempts=OutboxMessage.attempts + 1,
+                                 available_at=naive_utc(now + delay),
+                                 last_error=error[:256]).where(
+                (OutboxMessage.id == row.id) & (OutboxMessage.lease_owner == owner)).execute()
+
+
+class MqttPublisher:
+    """A paho client over mTLS that publishes with QoS 1 and waits for the PUBACKs."""
+
+    def __init__(self, settings: MqttSettings, client_id: str, timeout: float = 10.0) -> None:
+        self.settings = settings
+        self.timeout = timeout
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=mqtt.MQTTv311, clean_session=True)
+        context = ssl.create_default_context(cafile=str(settings.ca_file))
+        context.load_cert_chain(str(settings.client_cert), str(settings.client_key))
+        self.client.tls_set_context(context)
+        self.connected = threading.Event()
+        self.client.on_connect = lambda c, u, f, reason, p: (
+            self.connected.set() if not reason.is_failure else None)
+        self.client.on_disconnect = lambda c, u, f, reason, p: self.connected.clear()
+        self._started = False
+
+    def connect(self) -> None:
+        if not self._started:
+            self.client.connect_async(self.settings.host, self.settings.port, keepalive=30)
+            self.client.reconnect_delay_set(min_delay=1, max_delay=10)
+            self.client.loop_start()
+            self._started = True
+        if not self.connected.wait(self.timeout):
+            raise ConnectionError(f"MQTT broker {self.settings.host}:{self.settings.port} "
+                                  "not reachable")
+
+    def publish(self, rows: list[Claimed]) -> tuple[list[int], list[Claimed], str]:
+        """(acknowledged ids, failed rows, error) for one batch."""
+        infos = []
+        for row in rows:
+            infos.append((row, self.client.publish(row.topic, row.payload, qos=1,
+                                                   retain=row.retain)))
+        sent, failed, error = [], [], ""
+        for row, info in infos:
+            try:
+                info.wait_for_publish(self.timeout)
+            except (RuntimeError, ValueError) as exc:  # not queued: disconnected
+                error = str(exc)
+            if info.is_published():
+                sent.append(row.id)
+            else:
+                failed.append(row)
+                error = error or "no PUBACK"
+        return sent, failed, error
+
+    def close(self) -> None:
+        if self._started:
+            self.client.disconnect()
+            self.client.loop_stop()
+
+
+class OutboxRelay:
+    """Publishes the outbox until ``stop`` is set; ``duties`` run between batches."""
+
+    def __init__(self, repository: Repository, publisher: MqttPublisher,
+                 clock: Callable[[], dt.datetime], *, batch: int = 200,
+                 idle_seconds: float = 0.05, owner: str | None = None) -> None:
+        self.repository = repository
+        self.publisher = publisher
+        self.clock = clock
+        self.batch = batch
+        self.idle_seconds = idle_seconds
+        self.owner = owner or f"{socket.gethostname()[:40]}:{os.getpid()}"
+        self.published = 0
+
+    def run_once(self) -> int:
+        """Claim one batch and publish it; returns how many the broker acknowledged."""
+        rows = claim(self.repository, self.owner, self.clock(), self.batch)
+        if not rows:
+            return 0
+        try:
+            self.publisher.connect()
+            sent, failed, error = self.publisher.publish(rows)
+        except (ConnectionError, OSError) as exc:
+            sent, failed, error = [], rows, f"{type(exc).__name__}: {exc}"
+        mark_sent(self.repository, self.owner, sent, self.clock())
+        if failed:
+            log.warning("relay: %d notice(s) not acknowledged, retrying later: %s",
+                        len(failed), error)
+            release(self.repository, self.owner, failed, error, self.clock())
+        self.published += len(sent)
+        return len(sent)
+
+    def run(self, stop: threading.Event, duties: Callable[[], None] | None = None) -> None:
+        while not stop.is_set():
+            try:
+                count = self.run_once()
+                if duties is not None:
+                    duties()
+            except Exception:  # a bad moment of the database must not kill the relay
+                log.exception("relay iteration failed; retrying")
+                count = 0
+                stop.wait(1.0)
+            if count == 0:
+                stop.wait(self.idle_seconds)
+        self.publisher.close()

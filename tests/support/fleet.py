@@ -1,0 +1,125 @@
+"""A served instance with its broker and relay: the whole revocation loop, for tests.
+
+    RevocationRig: instance (SoftHSM CA) + `enroll-server broker-config` + a private
+    Mosquitto running that configuration + `enroll-server relay` as a subprocess; devices
+    enrolled by token with software keys (files, for mosquitto_sub / openssl).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import ssl
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from cryptography.hazmat.primitives import serialization
+
+from device_sdk.est import decode_certs_only
+from simulators.served import BIN, ServedInstance
+from tests.support.est_helpers import csr_der, ec_key, est_body, key_pem, make_csr
+from tests.support.services import PrivateMosquitto, free_port
+
+
+@dataclass
+class SoftDevice:
+    device_id: str
+    group: str
+    cert_path: Path
+    key_path: Path
+    serial: int
+
+    @property
+    def topic(self) -> str:
+        return f"fleet/{self.group}/devices/{self.device_id}/notices"
+
+
+class RevocationRig:
+    def __init__(self, instance: ServedInstance, workdir: Path) -> None:
+        self.instance = instance
+        self.workdir = workdir
+        self.broker_dir = workdir / "broker"
+        port = free_port()
+        instance.cli("broker-config", "--dir", str(self.broker_dir), "--port", str(port))
+        self.broker = PrivateMosquitto(config_text=(self.broker_dir / "mosquitto.conf")
+                                       .read_text())
+        self.broker.port = port
+        self.relay: subprocess.Popen[bytes] | None = None
+        self.relay_log = workdir / "relay.log"
+
+    # -- processes -------------------------------------------------------------------
+    def start(self) -> RevocationRig:
+        self.broker.start()
+        self.start_relay()
+        return self
+
+    def start_relay(self) -> None:
+        log = open(self.relay_log, "ab")  # noqa: SIM115 - owned by the process
+        self.relay = subprocess.Popen(
+            [str(BIN / "enroll-server"), "--config", str(self.instance.config), "relay"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.instance.env},
+            start_new_session=True)
+        log.close()
+
+    def stop_relay(self) -> None:
+        if self.relay is not None and self.relay.poll() is None:
+            os.killpg(self.relay.pid, signal.SIGTERM)
+            self.relay.wait(15)
+        self.relay = None
+
+    def close(self) -> None:
+        self.stop_relay()
+        self.broker.close()
+
+    # -- devices -----------------------------------------------------------------------
+    def enroll(self, device_id: str, group: str = "default") -> SoftDevice:
+        key = ec_key()
+        token = self.instance.token(group)
+        context = ssl.create_default_context(cafile=str(self.instance.trust_anchor))
+        response = httpx.post(self.instance.url + "/.well-known/est/simpleenroll",
+                              content=est_body(csr_der(make_csr(key, device_id))),
+                              headers={"Content-Type": "application/pkcs10",
+                                       "Authorization": f"Bearer {token}"},
+                              verify=context, timeout=30)
+        assert response.status_code == 200, response.text
+        certificate = decode_certs_only(response.content)[0]
+        cert_path = self.workdir / f"{device_id}.pem"
+        key_path = self.workdir / f"{device_id}.key"
+        cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(key_pem(key))
+        key_path.chmod(0o600)
+        return SoftDevice(device_id, group, cert_path, key_path, certificate.serial_number)
+
+    def mqtt_args(self, device: SoftDevice) -> list[str]:
+        return ["-h", "localhost", "-p", str(self.broker.port), "--cafile",
+                str(self.instance.trust_anchor), "--cert", str(device.cert_path),
+                "--key", str(device.key_path), "-i", device.device_id]
+
+    def subscribe(self, device: SoftDevice, topic: str | None = None, count: int = 1,
+                  wait: int = 15, session: bool = True) -> subprocess.Popen[str]:
+        """mosquitto_sub as the device (persistent session unless session=False)."""
+        args = ["mosquitto_sub", *self.mqtt_args(device), "-t", topic or device.topic,
+                "-q", "1", "-C", str(count), "-W", str(wait)]
+        if session:
+            args.append("-c")
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    def connect_once(self, device: SoftDevice) -> subprocess.CompletedProcess[str]:
+        """Connect, subscribe to its own topic, leave: exit 0 (or 27, timeout) if the
+        broker accepted the connection."""
+        return subprocess.run(["mosquitto_sub", *self.mqtt_args(device), "-t", device.topic,
+                               "-W", "1", "-C", "1"], capture_output=True, text=True,
+                              timeout=20)
+
+
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,144 @@
+"""Revocation everywhere, against a real server, Mosquitto, relay and OpenSSL tools.
+
+Revoke one device of several: its signed notice arrives over MQTT and verifies; `openssl
+ocsp` says revoked; the CRL lists it and `openssl verify -crl_check` fails; Mosquitto
+refuses its next connection; its reenroll is refused; the other devices are untouched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from device_sdk.notices import verify_notice
+from simulators.served import ServedInstance
+from tests.support.est_helpers import csr_der, est_body, make_csr
+from tests.support.fixtures import db_count
+from tests.support.fleet import RevocationRig, SoftDevice, wait_for
+
+
+@pytest.fixture(scope="module")
+def instance() -> Iterator[ServedInstance]:
+    served = ServedInstance()
+    try:
+        with served:
+            yield served
+    finally:
+        served.cleanup()
+
+
+@pytest.fixture(scope="module")
+def rig(instance: ServedInstance, tmp_path_factory: pytest.TempPathFactory
+        ) -> Iterator[RevocationRig]:  # fmt: skip
+    fleet = RevocationRig(instance, tmp_path_factory.mktemp("fleet"))
+    try:
+        yield fleet.start()
+    finally:
+        fleet.close()
+
+
+def ca_certificates(instance: ServedInstance) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(instance.trust_anchor.read_bytes())
+
+
+def openssl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["openssl", *args], capture_output=True, text=True, timeout=30)
+
+
+def ocsp_status(instance: ServedInstance, device: SoftDevice, workdir: Path) -> str:
+    issuer = workdir / "issuing-ca.pem"
+    issuer.write_text(instance.trust_anchor.read_text().split("-----END CERTIFICATE-----")[0]
+                      + "-----END CERTIFICATE-----\n")
+    result = openssl("ocsp", "-issuer", str(issuer), "-cert", str(device.cert_path),
+                     "-url", instance.url + "/ocsp", "-CAfile", str(instance.trust_anchor))
+    assert "Response verify OK" in result.stderr + result.stdout, result.stderr
+    return result.stdout.split(f"{device.cert_path}: ", 1)[1].split()[0]
+
+
+def crl_check(instance: ServedInstance, device: SoftDevice, workdir: Path) -> bool:
+    crl = workdir / "crl.der"
+    crl.write_bytes(httpx.get(instance.url + "/crl/issuing-ca.crl",
+                              verify=tls(instance)).content)
+    crl_pem = workdir / "crl.pem"
+    assert openssl("crl", "-inform", "DER", "-in", str(crl), "-out",
+                   str(crl_pem)).returncode == 0
+    return openssl("verify", "-crl_check", "-CAfile", str(instance.trust_anchor),
+                   "-CRLfile", str(crl_pem), str(device.cert_path)).returncode == 0
+
+
+def tls(instance: ServedInstance, device: SoftDevice | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(instance.trust_anchor))
+    if device is not None:
+        context.load_cert_chain(device.cert_path, device.key_path)
+    return context
+
+
+def reenroll(instance: ServedInstance, device: SoftDevice) -> httpx.Response:
+    key = load_pem_private_key(device.key_path.read_bytes(), None)
+    return httpx.post(instance.url + "/.well-known/est/simplereenroll",
+                      content=est_body(csr_der(make_csr(key, device.device_id))),
+                      headers={"Content-Type": "application/pkcs10"},
+                      verify=tls(instance, device), timeout=30)
+
+
+def test_revoking_one_device_reaches_every_party_and_spares_the_others(
+        instance: ServedInstance, rig: RevocationRig, tmp_path: Path) -> None:  # fmt: skip
+    victim, bystander = rig.enroll("rev-victim-1"), rig.enroll("rev-bystander-1")
+    assert ocsp_status(instance, victim, tmp_path) == "good"
+    assert crl_check(instance, victim, tmp_path)
+    assert rig.connect_once(victim).returncode in (0, 27)  # accepted (27: -W timeout)
+    listener = rig.subscribe(victim)
+    wait_for(lambda: "rev-victim-1" in rig.broker.log_text(), 5)
+
+    revoked = instance.cli_json("revoke", "--device", victim.device_id, "--reason",
+                                "keyCompromise")
+    assert revoked["devices"] == [victim.device_id]
+    assert revoked["serials"] == [format(victim.serial, "x")]
+
+    token = listener.communicate(timeout=30)[0].strip()
+    notice = verify_notice(token, ca_certificates(instance)[1:], victim.device_id, None,
+                           dt.datetime.now(dt.UTC))
+    assert (notice.type, notice.serial, notice.reason) == (
+        "revocation", str(victim.serial), "keyCompromise")
+    assert ocsp_status(instance, victim, tmp_path) == "revoked"
+    assert ocsp_status(instance, bystander, tmp_path) == "good"
+    assert not crl_check(instance, victim, tmp_path)
+    assert crl_check(instance, bystander, tmp_path)
+    assert wait_for(lambda: rig.connect_once(victim).returncode not in (0, 27))
+    assert rig.connect_once(bystander).returncode in (0, 27)
+    refused = reenroll(instance, victim)
+    assert (refused.status_code, refused.headers["X-Error-Code"]) == (403, "device.revoked")
+    assert reenroll(instance, bystander).status_code == 200
+
+
+def test_a_notice_published_while_the_broker_is_down_arrives_after_it_returns(
+        instance: ServedInstance, rig: RevocationRig) -> None:  # fmt: skip
+    device = rig.enroll("rev-offline-1")
+    rig.broker.stop()
+    instance.cli("revoke", "--device", device.device_id, "--reason", "superseded")
+    rig.broker.start()
+    # the device was offline too: the retained notice waits for it on its topic
+    listener = rig.subscribe(device, wait=30)
+    token = listener.communicate(timeout=40)[0].strip()
+    notice = verify_notice(token, ca_certificates(instance)[1:], device.device_id, None,
+                           dt.datetime.now(dt.UTC))
+    assert notice.reason == "superseded"
+
+
+def test_a_device_cannot_read_another_devices_notices(instance: ServedInstance,
+                                                      rig: RevocationRig) -> None:
+    snoop, target = rig.enroll("rev-snoop-1"), rig.enroll("rev-target-1")
+    instance.cli("revoke", "--device", target.device_id)
+    assert wait_for(lambda: db_count(instance, "outbox_message", f"topic = '{target.topic}' "
+                                     "AND sent_at IS NOT NULL") == 1)  # retained now
+    listener = rig.subscribe(snoop, topic=target.topic, wait=3, session=False)
+    output, _ = listener.communicate(timeout=20)
+    assert output.strip() == ""
