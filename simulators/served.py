@@ -71,8 +71,10 @@ class ServedInstance:
     def trust_anchor(self) -> Path:
         return self.dir / "ca" / "ca-chain.pem"
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return enroll_server("--config", str(self.config), *args, env=self.env, check=check)
+    def cli(self, *args: str, check: bool = True,
+            env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return enroll_server("--config", str(self.config), *args,
+                             env={**self.env, **(env_extra or {})}, check=check)
 
     def cli_json(self, *args: str):
         return json.loads(self.cli(*args, "--json").stdout)

@@ -8,6 +8,7 @@ refuses its next connection; its reenroll is refused; the other devices are unto
 from __future__ import annotations
 
 import datetime as dt
+import json
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -142,3 +143,63 @@ def test_a_device_cannot_read_another_devices_notices(instance: ServedInstance,
     listener = rig.subscribe(snoop, topic=target.topic, wait=3, session=False)
     output, _ = listener.communicate(timeout=20)
     assert output.strip() == ""
+
+
+def test_the_operator_api_revokes_with_curl_and_refuses_a_wrong_credential(
+        instance: ServedInstance, rig: RevocationRig) -> None:  # fmt: skip
+    device = rig.enroll("rev-api-1")
+    url = instance.url + "/api/v1/revocations"
+    body = json.dumps({"device_id": device.device_id, "reason": "affiliationChanged"})
+    curl = ["curl", "-sS", "--cacert", str(instance.trust_anchor), "-H",
+            "Content-Type: application/json", "-w", "\n%{http_code}", "-d", body, url]
+    before = db_count(instance, "certificate", "status = 'revoked'")
+    wrong = subprocess.run([*curl, "-H", "Authorization: Bearer op_wrong"],
+                           capture_output=True, text=True, timeout=30).stdout
+    assert wrong.endswith("\n401") and "operator.unauthorized" in wrong
+    assert db_count(instance, "certificate", "status = 'revoked'") == before
+    credential = (instance.dir / "secrets/operator.token").read_text().strip()
+    done = subprocess.run([*curl, "-H", f"Authorization: Bearer {credential}"],
+                          capture_output=True, text=True, timeout=30).stdout
+    answer, status = done.rsplit("\n", 1)
+    assert status == "200", answer
+    assert json.loads(answer)["serials"] == [format(device.serial, "x")]
+    shown = instance.cli_json("devices", "show", device.device_id)
+    assert shown["status"] == "revoked"
+
+
+def test_ocsp_for_a_serial_this_ca_never_issued_is_unknown(instance: ServedInstance,
+                                                          tmp_path: Path) -> None:
+    issuer = tmp_path / "issuing-ca.pem"
+    issuer.write_text(instance.trust_anchor.read_text().split("-----END CERTIFICATE-----")[0]
+                      + "-----END CERTIFICATE-----\n")
+    result = openssl("ocsp", "-issuer", str(issuer), "-serial", "0x1234567890abcdef",
+                     "-url", instance.url + "/ocsp", "-CAfile", str(instance.trust_anchor))
+    assert "Response verify OK" in result.stderr + result.stdout
+    assert "0x1234567890abcdef: unknown" in result.stdout
+
+
+def test_a_revocation_survives_dead_relay_and_server_and_a_failed_crl_build(
+        instance: ServedInstance, rig: RevocationRig, tmp_path: Path) -> None:  # fmt: skip
+    """SECURITY-CHECKLIST 21/22: once `revoke` returned, nothing can lose it."""
+    device = rig.enroll("rev-crash-1")
+    rig.relay.kill()  # SIGKILL: no clean shutdown
+    rig.relay.wait(10)
+    crl_before = instance.cli_json("crl", "show")["crl_number"]
+    bad_pin = tmp_path / "wrong.pin"
+    bad_pin.write_text("0000\n")
+    result = instance.cli("revoke", "--device", device.device_id, "--reason", "keyCompromise",
+                          env_extra={"ENROLL_CA__PKCS11__PIN_FILE": str(bad_pin)})
+    assert "could not be rebuilt" in result.stderr
+    assert instance.cli_json("crl", "show")["crl_number"] == crl_before  # last good stays
+    assert crl_check(instance, rig.enroll("rev-crash-2"), tmp_path)  # and is still served
+    instance.stop()
+    instance.start()  # the server restarts: the revocation is in the database
+    assert ocsp_status(instance, device, tmp_path) == "revoked"
+    assert db_count(instance, "outbox_message",
+                    f"device_id = '{device.device_id}' AND sent_at IS NULL") == 2
+    rig.start_relay()  # a fresh relay publishes what the dead one left, and rebuilds the CRL
+    assert wait_for(lambda: db_count(instance, "outbox_message",
+                                     f"device_id = '{device.device_id}' AND "
+                                     "sent_at IS NULL") == 0, 30)
+    assert wait_for(lambda: instance.cli_json("crl", "show")["crl_number"] > crl_before, 30)
+    assert not crl_check(instance, device, tmp_path)
