@@ -116,3 +116,30 @@ def test_slash_in_another_attribute_is_refused():
 def test_good_subject_gives_its_cn():
     assert requested_common_name(csr_for(names=["sensor-1.a_b"])) == "sensor-1.a_b"
     assert requested_common_name(csr_for(rdns=[])) is None
+
+
+def test_ecdsa_csr_with_null_algorithm_parameters_from_tpm2_openssl_is_accepted():
+    """tpm2-openssl 1.1.1 writes ecdsa-with-SHA256 with NULL parameters (RFC 5758 3.2 says
+    absent); signatureAlgorithm is not signed, so the request is repaired, not refused."""
+    from asn1crypto import core
+    from asn1crypto import csr as asn1_csr
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from enroll_server.policy.csr import check_signature, parse_csr
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, "null-params")])).sign(key, hashes.SHA256())
+    request = asn1_csr.CertificationRequest.load(csr.public_bytes(serialization.Encoding.DER))
+    algorithm = asn1_csr.SignedDigestAlgorithm({"algorithm": "sha256_ecdsa"})
+    algorithm["parameters"] = core.Null()
+    with_null = asn1_csr.CertificationRequest({
+        "certification_request_info": request["certification_request_info"],
+        "signature_algorithm": algorithm, "signature": request["signature"]}).dump()
+    with pytest.raises(ValueError):
+        x509.load_der_x509_csr(with_null)  # what cryptography alone says
+    repaired = parse_csr(with_null)
+    check_signature(repaired)
+    assert repaired.public_key() == key.public_key()

@@ -133,7 +133,20 @@ def test_an_old_database_migrates_to_exactly_the_fresh_schema(tmp_path, start):
         for version, step in store_db.MIGRATIONS[:start]:
             step(old)
             SchemaVersion.create(version=version)
+        group = EnrollmentGroup.select(EnrollmentGroup.id, EnrollmentGroup.name).first()
+        extra = ", ak_name" if start >= 2 else ""
+        old.execute_sql(f"INSERT INTO device (device_id, group_id, status, enrolled_by, "
+                        f"identity_pin, created_at, updated_at{extra}) VALUES ('d1', ?, "
+                        f"'active', 'token', '', '2026-01-01', '2026-01-01'"
+                        f"{', $$' if extra else ''})".replace("$$", "''"), (group.id,))
+        old.execute_sql("INSERT INTO certificate (serial, device_id, fingerprint_sha256, "
+                        "public_key_sha256, subject, not_before, not_after, der, status, "
+                        "issued_via, created_at) VALUES ('7', 1, 'f', 'k', 'CN=d1', "
+                        "'2026-01-01', '2027-01-01', x'00', 'active', 'token', '2026-01-01')")
     assert "outbox_message" not in old.get_tables()
-    assert store_db.migrate(old) == store_db.SCHEMA_VERSION
+    assert store_db.migrate(old) == store_db.SCHEMA_VERSION  # rows referencing rebuilt tables
     assert _columns(old) == expected
+    device = Device.get(Device.device_id == "d1")
+    assert (device.notice_sequence, device.status) == (0, "active")
+    assert Certificate.get(Certificate.serial == "7").device_id == device.id
     old.close()

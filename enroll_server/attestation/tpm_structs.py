@@ -6,10 +6,11 @@ Wire formats (the bytes tpm2-tools 5.4 writes, checked against swtpm):
   ``tpm2_createek -u``, ``tpm2_createak -u``, ``tpm2_create -u`` and ``tpm2_readpublic -o``
   write it; a bare marshalled ``TPMT_PUBLIC`` is accepted too (TPM 2.0 Part 2 12.2.4/12.2.5).
 * attestation data: the marshalled ``TPMS_ATTEST`` *without* the ``TPM2B_ATTEST`` size,
-  as ``tpm2_certify -o`` and ``tpm2_quote -m`` write it and as the signature covers it
+  as ``tpm2_certifycreation --attestation`` and ``tpm2_quote -m`` write it and as the
+  signature covers it
   (TPM 2.0 Part 2 10.12.12; it starts with TPM_GENERATED_VALUE ``ff 54 43 47``).
 * signatures: a marshalled ``TPMT_SIGNATURE`` (Part 2 11.3.4), the default ``tss`` format
-  of ``tpm2_certify -s`` / ``tpm2_quote -s``.
+  of ``tpm2_certifycreation -o`` / ``tpm2_quote -s``.
 
 "Strict" means: the whole input is consumed, and marshalling the parsed value again gives
 back exactly the input. The round trip catches trailing bytes, a ``TPM2B`` size that does

@@ -194,8 +194,9 @@ def verify_certify(
     A TPMS_ATTEST of type TPM_ST_ATTEST_CREATION (TPM2_CertifyCreation, Part 3 18.3) is
     accepted the same way: its objectName plays the role of the certified Name.
 
-    ``certify_info`` is the marshalled TPMS_ATTEST (``tpm2_certify -o``), ``signature`` a
-    TPMT_SIGNATURE by the AK, ``nonce`` the server's fresh qualifyingData, and
+    ``certify_info`` is the marshalled TPMS_ATTEST (``tpm2_certifycreation --attestation``;
+    tpm2-tools 5.4's tpm2_certify cannot take a nonce), ``signature`` a TPMT_SIGNATURE by
+    the AK, ``nonce`` the server's fresh qualifyingData, and
     ``device_key_public`` the device key's TPM2B_PUBLIC. The certified Name must equal
     nameAlg || H(device key TPMT_PUBLIC), so its attributes are the TPM's, not a claim.
     """

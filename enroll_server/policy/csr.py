@@ -11,6 +11,7 @@ import binascii
 import hashlib
 from dataclasses import dataclass
 
+from asn1crypto import csr as asn1_csr
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -53,11 +54,44 @@ def decode_est_base64(body: bytes) -> bytes:
                          code="csr.not_base64") from None
 
 
+# ecdsa-with-SHA256/384/512 AlgorithmIdentifiers with explicit NULL parameters, which RFC
+# 5758 3.2 forbids but tpm2-openssl 1.1.1 (Debian 12) writes (fixed upstream, PR #150).
+_ECDSA_WITH_NULL = {
+    bytes.fromhex("300c06082a8648ce3d04030205 00".replace(" ", "")): 2,
+    bytes.fromhex("300c06082a8648ce3d04030305 00".replace(" ", "")): 3,
+    bytes.fromhex("300c06082a8648ce3d04030405 00".replace(" ", "")): 4,
+}
+
+
+def _drop_ecdsa_null_parameters(der: bytes) -> bytes:
+    """The same request with the outer signatureAlgorithm's NULL removed, if that is its
+    only flaw. signatureAlgorithm is outside the signed part (RFC 2986 4.2), so the
+    signature still covers exactly what the device signed; a NULL anywhere else stays."""
+    try:
+        request = asn1_csr.CertificationRequest.load(der, strict=True)
+        algorithm = request["signature_algorithm"]
+        if algorithm["algorithm"].dotted not in ("1.2.840.10045.4.3.2", "1.2.840.10045.4.3.3",
+                                                 "1.2.840.10045.4.3.4"):
+            return der
+        if algorithm["parameters"].native is not None or algorithm.dump() not in _ECDSA_WITH_NULL:
+            return der
+        fixed = asn1_csr.CertificationRequest({
+            "certification_request_info": request["certification_request_info"],
+            "signature_algorithm": {"algorithm": algorithm["algorithm"].native},
+            "signature": request["signature"]})
+        return fixed.dump(force=False)
+    except (ValueError, TypeError, KeyError):
+        return der
+
+
 def parse_csr(der: bytes) -> x509.CertificateSigningRequest:
     """DER PKCS#10 with nothing before or after it."""
     try:
         return x509.load_der_x509_csr(der)
     except ValueError as exc:
+        repaired = _drop_ecdsa_null_parameters(der)
+        if repaired != der:
+            return parse_csr(repaired)
         if "ExtraData" in str(exc):
             raise BadRequest("The CSR has trailing bytes after its DER encoding.",
                              code="csr.trailing_data") from None

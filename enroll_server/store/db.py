@@ -152,6 +152,20 @@ class _PostgresMigrationLock:
 
 def migrate(database: pw.Database) -> int:
     """Apply pending migrations in one locked transaction; returns the schema version."""
+    sqlite = isinstance(database, pw.SqliteDatabase)
+    if sqlite and not database.in_transaction():
+        # Adding a NOT NULL column rebuilds the table on SQLite (create, copy, drop,
+        # rename) while other tables' rows reference it: foreign keys are switched off for
+        # the migration (only possible outside a transaction) and checked before commit.
+        database.execute_sql("PRAGMA foreign_keys = OFF")
+    try:
+        return _migrate_locked(database, sqlite)
+    finally:
+        if sqlite and not database.in_transaction():
+            database.execute_sql("PRAGMA foreign_keys = ON")
+
+
+def _migrate_locked(database: pw.Database, sqlite: bool) -> int:
     with _migration_transaction(database):
         version = current_version(database)
         if version > SCHEMA_VERSION:
@@ -162,4 +176,8 @@ def migrate(database: pw.Database) -> int:
                 step(database)
                 SchemaVersion.create(version=target)
                 version = target
+        if sqlite:
+            broken = database.execute_sql("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise RuntimeError(f"migration left broken references: {broken[:5]}")
     return version
