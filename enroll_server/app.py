@@ -26,12 +26,13 @@ def create_app(settings: Settings, services: Services | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
     app.extensions["enroll"] = services or build_services(settings)
 
-    from .http import admin, attest, est, health, revocation
+    from .http import admin, attest, est, health, metrics, revocation
 
     app.register_blueprint(est.blueprint)
     app.register_blueprint(attest.blueprint)
     app.register_blueprint(revocation.blueprint)
     app.register_blueprint(admin.blueprint)
+    app.register_blueprint(metrics.blueprint)
     app.register_blueprint(health.blueprint)
 
     app.register_error_handler(EnrollError, _enroll_error)

@@ -92,11 +92,13 @@ Examples:
               type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--port", type=int, help="Override server.port.")
 @click.option("--workers", type=int, help="Override server.workers.")
-def serve(config_path: Path, port: int | None, workers: int | None) -> None:
+@click.option("--with-relay", is_flag=True,
+              help="Also run the notice relay (`enroll-server relay`) beside the server.")
+def serve(config_path: Path, port: int | None, workers: int | None, with_relay: bool) -> None:
     """Serve EST over TLS with a multi-process production server (gunicorn)."""
     from .server import serve as run_server
 
-    run_server(config_path, port=port, workers=workers)
+    run_server(config_path, port=port, workers=workers, with_relay=with_relay)
 
 
 def run() -> None:

@@ -84,7 +84,8 @@ class EnrollServer(BaseApplication):
         return create_app(load_settings(self.config_path))
 
 
-def serve(config_path: Path, port: int | None = None, workers: int | None = None) -> None:
+def serve(config_path: Path, port: int | None = None, workers: int | None = None,
+          with_relay: bool = False) -> None:
     import os
 
     if port is not None:
@@ -92,4 +93,20 @@ def serve(config_path: Path, port: int | None = None, workers: int | None = None
     if workers is not None:
         os.environ["ENROLL_SERVER__WORKERS"] = str(workers)
     settings = load_settings(config_path)
-    EnrollServer(config_path, settings).run()
+    relay = _start_relay(config_path) if with_relay else None
+    try:
+        EnrollServer(config_path, settings).run()
+    finally:
+        if relay is not None and relay.poll() is None:
+            relay.terminate()
+            relay.wait(15)
+
+
+def _start_relay(config_path: Path):
+    """`enroll-server relay` beside the server, as its own process (its own PKCS#11 login,
+    its own MQTT connection); stopped when the server stops."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "from enroll_server.cli import run; run()",
+                             "--config", str(config_path), "relay"])

@@ -132,7 +132,7 @@ def build_services(settings: Settings) -> Services:
         crl=crl,
         revocation=RevocationService(repository, notice_issuer(settings, signer), crl, clock),
         ocsp=OcspResponder(signer.ca_certificate, responder.certificate, responder.key,
-                           lambda serial: repository.run(lambda: certificate_status(serial)),
+                           lambda serial: repository.read(lambda: certificate_status(serial)),
                            validity=dt.timedelta(
                                minutes=settings.revocation.ocsp_validity_minutes),
                            clock=clock))

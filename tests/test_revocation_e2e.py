@@ -203,3 +203,14 @@ def test_a_revocation_survives_dead_relay_and_server_and_a_failed_crl_build(
                                      "sent_at IS NULL") == 0, 30)
     assert wait_for(lambda: instance.cli_json("crl", "show")["crl_number"] > crl_before, 30)
     assert not crl_check(instance, device, tmp_path)
+
+
+def test_metrics_report_revocations_refusals_and_the_crl(instance: ServedInstance,
+                                                         rig: RevocationRig) -> None:
+    text = httpx.get(instance.url + "/metrics", verify=tls(instance)).text
+    assert 'enroll_devices{status="revoked"}' in text
+    assert "enroll_outbox_pending" in text and "enroll_crl_next_update_seconds" in text
+    crl_left = next(float(line.split()[1]) for line in text.splitlines()
+                    if line.startswith("enroll_crl_next_update_seconds "))
+    assert 0 < crl_left <= 24 * 3600
+    assert 'enroll_refusals_5m{action="api.admin.revoke",code="operator.unauthorized"}' in text

@@ -43,7 +43,7 @@ class _CrlCache:
             if time.monotonic() - self._checked < 1.0 and self._value is not None:
                 return self._value
         svc = services()
-        latest = svc.repository.run(svc.crl.latest)
+        latest = svc.repository.read(svc.crl.latest)
         with self._lock:
             self._checked = time.monotonic()
             if latest is not None:

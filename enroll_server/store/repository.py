@@ -153,6 +153,11 @@ class Repository:
         with self.transaction():
             return work()
 
+    def read(self, work: Callable[[], T]) -> T:
+        """``work`` in a read-only transaction: on SQLite beside the writers, not queued."""
+        with self.transaction(readonly=True):
+            return work()
+
     def _first(self, field: pw.Field, value: Any) -> Any:
         """``field.model.get_or_none(field == value)`` with its SQL built once.
 
