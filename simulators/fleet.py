@@ -29,6 +29,7 @@ import datetime as dt
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import ssl
 import subprocess
@@ -59,11 +60,25 @@ class FleetOptions:
     chaos: tuple[str, ...] = ()
     chaos_interval: float = 4.0
     seed: int | None = None
+    # Scenario devices, beside the N good ones: an EK from an unknown manufacturer, a
+    # firmware image off the group's PCR policy, a network drop mid-enrollment.
+    rogue: int = 0
+    tampered: int = 0
+    flaky: int = 0
+    keep: bool = False  # keep the work directory (logs, TPM states) for inspection
+
+
+GOOD_FIRMWARE = b"fleet firmware image v1.0 (good)"
+BAD_FIRMWARE = b"fleet firmware image v1.0 (tampered)"
+FIRMWARE_PCR = 13  # firmware-hooks/enroll-device.conf: the PCR the image is measured into
+EXPECTED = {"good": None, "flaky": None, "rogue": "ek.untrusted",
+            "tampered": "quote.pcr_mismatch"}
 
 
 @dataclass
 class DeviceResult:
     index: int
+    role: str = "good"
     device_id: str = ""
     enrolled: bool = False
     renewed: bool = False
@@ -72,6 +87,7 @@ class DeviceResult:
     enroll_ms: float = 0.0
     renew_ms: float = 0.0
     swtpm_peak_kib: int = 0
+    network_drops: int = 0
     serials: list[str] = field(default_factory=list)
 
 
@@ -86,18 +102,38 @@ def _peak_kib(pid: int | None) -> int:
     return 0
 
 
-def _device_worker(index: int, url: str, trust_anchor: str, manufacturer_dir: str,
-                   workdir: str) -> DeviceResult:
+def measure_firmware(tcti_tpm: object, image: bytes) -> None:
+    """What firmware-hooks/measure-firmware.sh does: extend H(image) into the PCR."""
+    import hashlib
+
+    from tpm2_pytss import ESYS_TR, TPM2_ALG, TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA
+
+    digest = TPMT_HA(hashAlg=TPM2_ALG.SHA256,
+                     digest=TPMU_HA(sha256=hashlib.sha256(image).digest()))
+    tcti_tpm.esapi.pcr_extend(getattr(ESYS_TR, f"PCR{FIRMWARE_PCR}"),  # type: ignore[attr-defined]
+                              TPML_DIGEST_VALUES([digest]))
+
+
+def _device_worker(index: int, role: str, url: str, trust_anchor: str,
+                   manufacturer_dir: str, workdir: str) -> DeviceResult:
     """One device's life, in a worker process (its own ESAPI contexts, no shared GIL)."""
+    from urllib.parse import urlsplit
+
     from device_sdk.attest import AttestedEnrollment
     from device_sdk.est import EstError
     from device_sdk.tpm import TpmDevice
     from simulators.manufacturer import Manufacturer
+    from simulators.netfault import DroppingProxy
     from simulators.swtpm import SwtpmInstance
 
-    result = DeviceResult(index)
+    result = DeviceResult(index, role)
     state = Path(workdir) / f"tpm-{index:05d}"
+    proxy = None
     try:
+        if role == "flaky":
+            target = urlsplit(url)
+            proxy = DroppingProxy(target.hostname or "localhost", target.port or 443)
+            url = f"https://localhost:{proxy.port}"
         with SwtpmInstance(state) as swtpm:
             started = time.perf_counter()
             Manufacturer.load(manufacturer_dir).provision(swtpm.tcti)
@@ -105,6 +141,7 @@ def _device_worker(index: int, url: str, trust_anchor: str, manufacturer_dir: st
             with TpmDevice(swtpm.tcti) as tpm, AttestedEnrollment(
                     url, Path(trust_anchor), tpm, GROUP, timeout=60, attempts=12,
                     backoff=0.5, max_backoff=5.0) as client:
+                measure_firmware(tpm, BAD_FIRMWARE if role == "tampered" else GOOD_FIRMWARE)
                 started = time.perf_counter()
                 first = client.enroll()
                 result.enroll_ms = (time.perf_counter() - started) * 1000
@@ -120,6 +157,10 @@ def _device_worker(index: int, url: str, trust_anchor: str, manufacturer_dir: st
         result.error = error.code
     except Exception as error:  # noqa: BLE001 - the report names it
         result.error = f"{type(error).__name__}: {str(error)[:120]}"
+    finally:
+        if proxy is not None:
+            result.network_drops = proxy.dropped
+            proxy.close()
     return result
 
 
@@ -177,10 +218,12 @@ class Rig:
         self.relay: subprocess.Popen[bytes] | None = None
         self.restarts = {kind: 0 for kind in CHAOS_KINDS}
 
-    def start(self, roots: Path) -> None:
+    def start(self, roots: Path, manufacturer_dir: Path) -> None:
         self.instance.start()
         self.instance.cli("group", "create", GROUP, "--auth", "tpm", "--ek-roots", str(roots),
                           "--key-types", "ec-p256")
+        self.instance.cli("group", "set-pcrs", GROUP, "--pcrread",
+                          str(self._reference_pcrs(manufacturer_dir)))
         self.instance.cli("broker-config", "--dir", str(self.workdir / "broker"), "--port",
                           str(self.broker_port), "--gateway", "fleet-gateway")
         config = self.workdir / "broker" / "mosquitto.conf"
@@ -188,6 +231,22 @@ class Rig:
             config.write_text("user root\n" + config.read_text())
         self.start_broker()
         self.start_relay()
+
+    def _reference_pcrs(self, manufacturer_dir: Path) -> Path:
+        """Golden values from a reference device that measured the good firmware."""
+        from device_sdk.tpm import TpmDevice
+        from simulators.manufacturer import Manufacturer
+        from simulators.swtpm import SwtpmInstance
+
+        path = self.workdir / "reference-pcrs.yaml"
+        with SwtpmInstance(self.workdir / "reference-tpm") as swtpm:
+            Manufacturer.load(manufacturer_dir).provision(swtpm.tcti)
+            with TpmDevice(swtpm.tcti) as tpm:
+                measure_firmware(tpm, GOOD_FIRMWARE)
+            path.write_text(subprocess.run(
+                ["tpm2_pcrread", f"sha256:{FIRMWARE_PCR}"], capture_output=True, text=True,
+                check=True, env={**os.environ, "TPM2TOOLS_TCTI": swtpm.tcti}).stdout)
+        return path
 
     def start_broker(self) -> None:
         self.broker = subprocess.Popen(
@@ -282,9 +341,10 @@ def run_fleet(options: FleetOptions, progress: Progress = no_progress) -> dict[s
     chaos_stop = threading.Event()
     try:
         manufacturer = Manufacturer.create(workdir / "vendor")
+        Manufacturer.create(workdir / "unknown-vendor")  # the rogue devices' TPM maker
         roots = workdir / "ek-roots.pem"
         roots.write_text("".join(manufacturer.ca_certificate_pems))
-        rig.start(roots)
+        rig.start(roots, workdir / "vendor")
         anchors = x509.load_pem_x509_certificates(rig.instance.trust_anchor.read_bytes())
         gateway = Gateway(rig.broker_port, rig.instance.trust_anchor,
                           *_gateway_credentials(rig), anchors)
@@ -292,7 +352,7 @@ def run_fleet(options: FleetOptions, progress: Progress = no_progress) -> dict[s
         setup_seconds = time.monotonic() - wall_started
         progress("set-up done; devices enrolling", False)
         chaos_thread = _start_chaos(rig, options, rng, chaos_stop)
-        results = _run_devices(rig, workdir, options, progress)
+        results = _run_devices(rig, workdir, options, progress, rng)
         enrolled = [r for r in results if r.enrolled]
         victims = rng.sample(enrolled, round(len(enrolled) * options.revoke_fraction))
         revoke_started = time.monotonic()
@@ -302,12 +362,15 @@ def run_fleet(options: FleetOptions, progress: Progress = no_progress) -> dict[s
         report = _report(options, results, victims, revoke_latency, invariants, rig,
                          setup_seconds, time.monotonic() - wall_started,
                          time.monotonic() - revoke_started, gateway)
+        report["workdir"] = str(workdir)
         return report
     finally:
         chaos_stop.set()
         if gateway is not None:
             gateway.close()
         rig.close()
+        if not options.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _start_chaos(rig: Rig, options: FleetOptions, rng: random.Random,
@@ -343,20 +406,30 @@ def _finish_chaos(rig: Rig, options: FleetOptions, stop: threading.Event,
     rig.wait_settled()
 
 
-def _run_devices(rig: Rig, workdir: Path, options: FleetOptions,
-                 progress: Progress) -> list[DeviceResult]:
+def _roles(options: FleetOptions, rng: random.Random) -> list[str]:
+    roles = (["good"] * options.devices + ["rogue"] * options.rogue
+             + ["tampered"] * options.tampered + ["flaky"] * options.flaky)
+    rng.shuffle(roles)
+    return roles
+
+
+def _run_devices(rig: Rig, workdir: Path, options: FleetOptions, progress: Progress,
+                 rng: random.Random) -> list[DeviceResult]:
+    roles = _roles(options, rng)
     results: list[DeviceResult] = []
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(options.concurrency,
                                                 mp_context=context) as pool:
-        futures = [pool.submit(_device_worker, index, rig.instance.url,
-                               str(rig.instance.trust_anchor), str(workdir / "vendor"),
-                               str(workdir / "tpms")) for index in range(options.devices)]
+        futures = [pool.submit(_device_worker, index, role, rig.instance.url,
+                               str(rig.instance.trust_anchor),
+                               str(workdir / ("unknown-vendor" if role == "rogue"
+                                              else "vendor")),
+                               str(workdir / "tpms")) for index, role in enumerate(roles)]
         for future in concurrent.futures.as_completed(futures):
             results.append(future.result())
-            failed = sum(1 for r in results if r.error)
-            progress(f"devices {len(results)}/{options.devices} (failed {failed})",
-                     len(results) == options.devices)
+            unexpected = sum(1 for r in results if r.error != EXPECTED[r.role])
+            progress(f"devices {len(results)}/{len(roles)} (unexpected outcomes "
+                     f"{unexpected})", len(results) == len(roles))
     return sorted(results, key=lambda r: r.index)
 
 
@@ -411,7 +484,13 @@ def _invariants(rig: Rig, results: list[DeviceResult], victims: list[DeviceResul
     enrolled_ok = all(devices.get(r.device_id) == ("revoked" if r.device_id in victim_ids
                                                    else "active")
                       for r in results if r.enrolled)
-    return {"all_enrolled": all(r.enrolled and r.renewed for r in results),
+    should_enroll = [r for r in results if EXPECTED[r.role] is None]
+    refused = [r for r in results if EXPECTED[r.role] is not None]
+    return {"all_enrolled": all(r.enrolled and r.renewed for r in should_enroll),
+            "refused_as_expected": all(not r.enrolled and r.error == EXPECTED[r.role]
+                                       for r in refused),
+            "refused_devices_unknown_to_server": len(devices) == len(
+                [r for r in results if r.enrolled]),
             "server_agrees": enrolled_ok, "devices_with_two_active_certs": multi_active,
             "keys_with_two_active_certs": key_twice,
             "revoked_notified": sum(v in gateway.notices for v in victim_ids),
@@ -431,9 +510,12 @@ def _report(options: FleetOptions, results: list[DeviceResult], victims: list[De
     failures: dict[str, int] = {}
     for result in results:
         if result.error:
-            failures[result.error] = failures.get(result.error, 0) + 1
+            key = f"{result.role}: {result.error}"
+            failures[key] = failures.get(key, 0) + 1
     ok = [r for r in results if r.enrolled]
     passed = (invariants["all_enrolled"] and invariants["server_agrees"]
+              and invariants["refused_as_expected"]
+              and invariants["refused_devices_unknown_to_server"]
               and invariants["devices_with_two_active_certs"] == 0
               and invariants["keys_with_two_active_certs"] == 0
               and invariants["revoked_notified"] == invariants["revoked"]
@@ -441,7 +523,9 @@ def _report(options: FleetOptions, results: list[DeviceResult], victims: list[De
     return {
         "benchmark": "fleet", "machine": machine_info(),
         "options": {"devices": options.devices, "concurrency": options.concurrency,
-                    "revoke_fraction": options.revoke_fraction, "chaos": list(options.chaos)},
+                    "revoke_fraction": options.revoke_fraction, "chaos": list(options.chaos),
+                    "rogue": options.rogue, "tampered": options.tampered,
+                    "flaky": options.flaky},
         "succeeded": len(ok), "failed": len(results) - len(ok), "failures": failures,
         "provision_ms": _ms([r.provision_ms for r in ok]),
         "enroll_ms": _ms([r.enroll_ms for r in ok]),
@@ -449,6 +533,7 @@ def _report(options: FleetOptions, results: list[DeviceResult], victims: list[De
         "revocation_notice_ms": _ms(revoke_latency),
         "swtpm_peak_kib": max((r.swtpm_peak_kib for r in ok), default=0),
         "chaos_events": rig.restarts, "gateway_rejected": len(gateway.rejected),
+        "network_drops": sum(r.network_drops for r in results),
         "setup_seconds": round(setup_seconds, 1), "wall_seconds": round(wall_seconds, 1),
         "revocation_seconds": round(revoke_seconds, 1),
         "invariants": invariants, "passed": passed,
@@ -458,9 +543,12 @@ def _report(options: FleetOptions, results: list[DeviceResult], victims: list[De
 def render(report: dict[str, Any]) -> str:
     inv = report["invariants"]
     rows = [
-        ("devices enrolled + renewed", f"{report['succeeded']}/{report['options']['devices']}"),
-        ("failures by code", ", ".join(f"{k}: {v}" for k, v in report["failures"].items())
+        ("devices enrolled + renewed", f"{report['succeeded']}/"
+         f"{report['options']['devices'] + report['options']['flaky']}"),
+        ("refusals by role: code", ", ".join(f"{k} x{v}" for k, v in report["failures"].items())
          or "none"),
+        ("scenario devices as expected", "yes" if inv["refused_as_expected"] else "NO"),
+        ("connections dropped mid-enrollment", str(report["network_drops"])),
         ("provisioning (ms) p50/p99", "{p50} / {p99}".format(**report["provision_ms"])),
         ("first-boot enrollment (ms) p50/p99", "{p50} / {p99}".format(**report["enroll_ms"])),
         ("renewal (ms) p50/p99", "{p50} / {p99}".format(**report["renew_ms"])),
