@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config tpm2-openssl \
 	tpm2-abrmd libtss2-tcti-tabrmd0 dbus softhsm2 opensc mosquitto mosquitto-clients \
-	postgresql openssl curl gcc python3-dev python3-venv
+	postgresql openssl curl gcc python3-dev python3-venv systemd shellcheck
 PYTEST_ARGS ?=
 
 .PHONY: all install system-deps venv test demo bench lint clean
@@ -45,6 +45,7 @@ demo: install
 
 bench: install
 	$(BIN)/enroll-sim bench est
+	$(BIN)/enroll-sim bench attest
 
 clean:
 	rm -rf $(VENV) demo-instance .pytest_cache

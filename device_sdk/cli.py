@@ -84,7 +84,7 @@ def enroll(server: str, server_ca: Path, tcti: str, state_dir: Path, label: str 
         with AttestedEnrollment(server, server_ca, tpm, label, timeout) as client:
             certificate = client.enroll()
             chain = client.cacerts()
-        status = state.save(certificate, chain, tpm.tss2_private_key_pem())
+        status = state.save(certificate, chain, tpm.tss2_private_key_pem(), group=label)
     _report("enrolled", status, state, as_json)
 
 
@@ -98,6 +98,94 @@ def _report(outcome: str, status: EnrollmentStatus, state: DeviceState, as_json:
                f"valid until {status.not_after}")
     for name, path in files.items():
         click.echo(f"  {name}: {path}")
+
+
+AGENT_EPILOG = """\b
+Examples:
+  # on a device, as a service (kernel resource manager, broker on port 8883):
+  enroll-device agent --state-dir /var/lib/enroll-device --tcti device:/dev/tpmrm0 \\
+      --server https://est.example.net:8443 --server-ca ca-chain.pem \\
+      --broker mqtt.example.net:8883
+  # from a timer instead: handle what is waiting, renew if due, exit
+  enroll-device agent --state-dir ./state --tcti device:/dev/tpmrm0 --server URL \\
+      --server-ca ca.pem --broker mqtt.example.net:8883 --once --json
+  # tests: swtpm behind tpm2-abrmd on a private D-Bus (simulators.abrmd)
+  DBUS_SESSION_BUS_ADDRESS=unix:path=/tmp/x/bus enroll-device agent --state-dir ./state \\
+      --tcti tabrmd:bus_type=session --server https://localhost:8443 --server-ca ca.pem \\
+      --broker localhost:8883 --renew-jitter 1 --max-backoff 2 --json
+
+\b
+Listens on fleet/<group>/devices/<device id>/notices with the TPM-held key (mTLS, TLS
+1.3, tpm2-openssl provider), verifies every notice (signed under the CA in chain.pem,
+for this device, unexpired, newer than the last one) and ignores the others with a log
+line naming the reason. renewal_due and ca_rotation renew the certificate (same TPM key,
+EST simplereenroll over mTLS; a fresh attested enrollment when it has expired) after a
+random jitter; so does reaching --renew-fraction of the lifetime. A revocation of the
+current certificate moves it aside, writes state "revoked" to status.json, publishes a
+status message and exits 10.
+
+\b
+Exit status:
+   0  stopped by SIGTERM/SIGINT, or --once finished
+   3  the server refused renewal and a fresh attested enrollment
+   4  TPM error (or the tpm2 OpenSSL provider could not use the key)
+   5  not enrolled: no certificate, chain or key in --state-dir
+   6  --once only: the broker could not be reached
+  10  REVOKED: this device's certificate was revoked (status.json has reason and time);
+      do not restart the agent, re-provisioning needs an operator
+"""
+
+
+def _broker_address(_ctx: click.Context, _param: click.Parameter,
+                    value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter("expected HOST:PORT, e.g. mqtt.example.net:8883")
+    return host.strip("[]"), int(port)
+
+
+@main.command(epilog=AGENT_EPILOG)
+@click.option("--state-dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The enrollment state dir (from `enroll-device enroll`).")
+@click.option("--tcti", required=True,
+              help='TPM resource manager: "device:/dev/tpmrm0", "tabrmd:bus_type=session".')
+@click.option("--server", required=True, help="Server base URL, e.g. https://host:8443.")
+@click.option("--server-ca", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The server's trust anchor (RFC 7030 3.6.1 explicit TA).")
+@click.option("--broker", required=True, callback=_broker_address,
+              help="MQTT broker HOST:PORT (TLS).")
+@click.option("--broker-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Trust anchor for the broker [default: chain.pem in the state dir].")
+@click.option("--group", help="Enrollment group in the topic [default: the one enrolled "
+                              "under, else \"default\"].")
+@click.option("--topic-prefix", default="fleet", show_default=True)
+@click.option("--once", is_flag=True,
+              help="Handle waiting notices (and a due renewal), then exit.")
+@click.option("--renew-jitter", default=300.0, show_default=True,
+              type=click.FloatRange(min=0), help="Renew after a random 0..N s delay.")
+@click.option("--renew-fraction", default=2 / 3, show_default=True,
+              type=click.FloatRange(0.1, 0.95), help="Renew unprompted past this share of "
+                                                     "the certificate lifetime.")
+@click.option("--max-backoff", default=60.0, show_default=True,
+              type=click.FloatRange(min=0.1), help="Longest wait between broker reconnects.")
+@click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds per network exchange (real TPMs are slow; keep it generous).")
+@click.option("--json", "as_json", is_flag=True, help="Log events as JSON lines on stdout.")
+def agent(state_dir: Path, tcti: str, server: str, server_ca: Path,
+          broker: tuple[str, int], broker_ca: Path | None, group: str | None,
+          topic_prefix: str, once: bool, renew_jitter: float, renew_fraction: float,
+          max_backoff: float, timeout: float, as_json: bool) -> None:
+    """Keep this device's certificate alive: signed notices over MQTT, renewal, revocation."""
+    from .agent import AgentConfig, run_agent
+
+    config = AgentConfig(state_dir=state_dir, tcti=tcti, server=server, server_ca=server_ca,
+                         broker_host=broker[0], broker_port=broker[1], group=group,
+                         broker_ca=broker_ca, topic_prefix=topic_prefix, once=once,
+                         renew_jitter=renew_jitter, renew_fraction=renew_fraction,
+                         max_backoff=max_backoff, timeout=timeout)
+    sys.exit(run_agent(config, as_json))
 
 
 def run() -> None:

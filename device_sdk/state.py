@@ -4,7 +4,11 @@
     chain.pem           issuing CA then root (EST /cacerts)
     device.key.tss.pem  the device key as a TSS2 PRIVATE KEY (a TPM-wrapped blob, useless
                         without this TPM; for TLS through the tpm2-openssl provider)
-    status.json         {"device_id", "serial", "not_after", "enrolled_at"}
+    status.json         {"device_id", "serial", "not_after", "enrolled_at", "group",
+                        "state"}; state "revoked" adds "reason", "revoked_at" (serial is
+                        then the revoked certificate's, moved aside to
+                        device.crt.pem.revoked-<serial>)
+    notices.json        {"last_sequence", "pending"}: the agent's notice bookkeeping
 
 Each file is written to a temporary name, fsynced and renamed (POSIX rename is atomic),
 then the directory is fsynced. status.json goes last: it marks a complete enrollment, and
@@ -17,7 +21,7 @@ import contextlib
 import datetime as dt
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from cryptography import x509
@@ -43,11 +47,19 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(path: Path) -> None:
+    directory = os.open(path, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def _rfc3339(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).replace(microsecond=0).isoformat()
 
 
 @dataclass(frozen=True)
@@ -56,16 +68,36 @@ class EnrollmentStatus:
     serial: str  # hex, as openssl x509 -serial prints it
     not_after: str  # RFC 3339, UTC
     enrolled_at: str  # RFC 3339, UTC
+    group: str | None = None  # the EST label enrolled under (the MQTT topic's group)
+    state: str = "enrolled"  # or "revoked"
+    reason: str | None = None  # revoked: RFC 5280 CRLReason name, as the notice said
+    revoked_at: str | None = None  # revoked: when the device learnt it, RFC 3339 UTC
+    revoked_by: str | None = None  # revoked: "notice", "crl" or "est"
 
     @classmethod
-    def of(cls, certificate: x509.Certificate, enrolled_at: dt.datetime) -> EnrollmentStatus:
+    def of(cls, certificate: x509.Certificate, enrolled_at: dt.datetime,
+           group: str | None = None) -> EnrollmentStatus:
         names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         return cls(
             device_id=str(names[0].value) if names else "",
             serial=f"{certificate.serial_number:X}",
             not_after=certificate.not_valid_after_utc.isoformat(),
-            enrolled_at=enrolled_at.astimezone(dt.UTC).replace(microsecond=0).isoformat(),
+            enrolled_at=_rfc3339(enrolled_at),
+            group=group,
         )
+
+    @property
+    def revoked(self) -> bool:
+        return self.state == "revoked"
+
+
+@dataclass(frozen=True)
+class NoticeBook:
+    """The agent's notice bookkeeping: the highest sequence accepted, and an accepted
+    notice whose action (a renewal) is not done yet, so a crash does not lose it."""
+
+    last_sequence: int | None = None
+    pending: dict | None = None  # {"type", "serial", "sequence"}
 
 
 class DeviceState:
@@ -77,18 +109,60 @@ class DeviceState:
         self.chain_path = self.directory / "chain.pem"
         self.key_path = self.directory / "device.key.tss.pem"
         self.status_path = self.directory / "status.json"
+        self.notices_path = self.directory / "notices.json"
 
     def save(self, certificate: x509.Certificate, chain: list[x509.Certificate],
-             tss2_key_pem: bytes, enrolled_at: dt.datetime | None = None) -> EnrollmentStatus:
+             tss2_key_pem: bytes, enrolled_at: dt.datetime | None = None,
+             group: str | None = None) -> EnrollmentStatus:
         """Write the key, chain, certificate, then status.json; return the status."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        status = EnrollmentStatus.of(certificate, enrolled_at or dt.datetime.now(dt.UTC))
+        status = EnrollmentStatus.of(certificate, enrolled_at or dt.datetime.now(dt.UTC),
+                                     group)
         chain = issuer_first(certificate, chain)
         atomic_write(self.key_path, tss2_key_pem, 0o600)
         atomic_write(self.chain_path, b"".join(c.public_bytes(PEM) for c in chain))
         atomic_write(self.certificate_path, certificate.public_bytes(PEM))
-        atomic_write(self.status_path, json.dumps(asdict(status), indent=2).encode() + b"\n")
+        self._write_status(status)
         return status
+
+    def _write_status(self, status: EnrollmentStatus) -> None:
+        document = {k: v for k, v in asdict(status).items() if v is not None}
+        atomic_write(self.status_path, json.dumps(document, indent=2).encode() + b"\n")
+
+    def mark_revoked(self, serial: int, reason: str | None, revoked_by: str,
+                     now: dt.datetime | None = None) -> EnrollmentStatus:
+        """Stop using the certificate: move it aside (device.crt.pem.revoked-<serial>),
+        then record state "revoked" in status.json. Idempotent."""
+        hex_serial = f"{serial:X}"
+        certificate = self.certificate()
+        if certificate is not None and certificate.serial_number == serial:
+            os.replace(self.certificate_path,
+                       self.certificate_path.with_name(f"{self.certificate_path.name}"
+                                                       f".revoked-{hex_serial}"))
+            _fsync_directory(self.directory)
+        previous = self.status()
+        status = EnrollmentStatus(
+            device_id=previous.device_id if previous else "", serial=hex_serial,
+            not_after=previous.not_after if previous and previous.serial == hex_serial
+            else "", enrolled_at=previous.enrolled_at if previous else "",
+            group=previous.group if previous else None, state="revoked", reason=reason,
+            revoked_at=_rfc3339(now or dt.datetime.now(dt.UTC)), revoked_by=revoked_by)
+        self._write_status(status)
+        return status
+
+    def notice_book(self) -> NoticeBook:
+        try:
+            document = json.loads(self.notices_path.read_text())
+            sequence = document.get("last_sequence")
+            pending = document.get("pending")
+            return NoticeBook(sequence if isinstance(sequence, int) else None,
+                              pending if isinstance(pending, dict) else None)
+        except (FileNotFoundError, ValueError, AttributeError):
+            return NoticeBook()
+
+    def save_notice_book(self, book: NoticeBook) -> None:
+        """Atomically: a crash leaves the old or the new bookkeeping, never a mix."""
+        atomic_write(self.notices_path, json.dumps(asdict(book)).encode() + b"\n", 0o600)
 
     def certificate(self) -> x509.Certificate | None:
         try:
@@ -103,9 +177,12 @@ class DeviceState:
             return []
 
     def status(self) -> EnrollmentStatus | None:
+        """status.json; keys this version does not know are ignored (newer SDKs)."""
         try:
-            return EnrollmentStatus(**json.loads(self.status_path.read_text()))
-        except (FileNotFoundError, ValueError, TypeError):
+            document = json.loads(self.status_path.read_text())
+            known = {f.name for f in fields(EnrollmentStatus)}
+            return EnrollmentStatus(**{k: v for k, v in document.items() if k in known})
+        except (FileNotFoundError, ValueError, TypeError, AttributeError):
             return None
 
     def current_certificate(self, device_key: PublicKeyTypes,
@@ -114,6 +191,8 @@ class DeviceState:
         stored chain's first certificate, and for ``device_key``; else None."""
         certificate, chain, status = self.certificate(), self.chain(), self.status()
         if certificate is None or not chain or status is None or not self.key_path.exists():
+            return None
+        if status.revoked:
             return None
         now = now or dt.datetime.now(dt.UTC)
         if not certificate.not_valid_before_utc <= now < certificate.not_valid_after_utc:
