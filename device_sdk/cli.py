@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -51,8 +52,14 @@ Examples:
 \b
 Running it again is harmless: with a valid, unexpired certificate for the TPM's current
 device key in --state-dir it reports that and exits 0 (--force enrolls anyway).
-Exit status: 0 enrolled or already enrolled, 3 refused by the server, 4 TPM error.
+Exit status: 0 enrolled or already enrolled; 3 refused by the server (a 4xx: retrying
+will not help, an operator must act; the code says why); 4 TPM error; 75 temporary
+failure (server unreachable or busy, approval pending, retries exhausted: try later).
+With --json a failure prints {"outcome": "error", "http_status", "code", "message",
+"device_id", "retry": true|false} on stdout too.
 """
+EXIT_REFUSED, EXIT_TPM, EXIT_TEMPFAIL = 3, 4, 75  # 75: EX_TEMPFAIL (sysexits.h)
+TRANSIENT_STATUSES = frozenset({0, 202, 408, 429}) | frozenset(range(500, 600))
 
 
 @main.command(epilog=ENROLL_EPILOG)
@@ -68,10 +75,38 @@ Exit status: 0 enrolled or already enrolled, 3 refused by the server, 4 TPM erro
 @click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(min=1),
               help="Seconds per HTTP exchange (real TPMs are slow; keep it generous).")
 @click.option("--force", is_flag=True, help="Enroll even if a valid certificate is present.")
+@click.option("--attempts", default=6, show_default=True, type=click.IntRange(1, 100),
+              help="Attempts on connection errors, 429 and 503 before exit 75.")
+@click.option("--max-backoff", default=60.0, show_default=True, type=click.FloatRange(min=0),
+              help="Longest wait between attempts, seconds (full jitter below it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def enroll(server: str, server_ca: Path, tcti: str, state_dir: Path, label: str | None,
-           timeout: float, force: bool, as_json: bool) -> None:
+           timeout: float, force: bool, attempts: int, max_backoff: float,
+           as_json: bool) -> None:
     """Prove this TPM to the server and store a device certificate (TPM-attested EST)."""
+    clients: list[AttestedEnrollment] = []  # to name the device in an error
+    try:
+        _enroll(server, server_ca, tcti, state_dir, label, timeout, force, attempts,
+                max_backoff, as_json, clients.append)
+    except EstError as error:
+        _fail(error, clients[0].device_id if clients else None, as_json)
+
+
+def _fail(error: EstError, device_id: str | None, as_json: bool) -> None:
+    """One line for people and logs, the JSON for scripts, and the exit status."""
+    retry = error.status in TRANSIENT_STATUSES or error.code == "client.bad_response"
+    if as_json:
+        click.echo(json.dumps({"outcome": "error", "http_status": error.status,
+                               "code": error.code, "message": error.message,
+                               "device_id": device_id, "retry": retry}))
+    who = f" (device {device_id})" if device_id else ""
+    click.echo(f"error: {error}{who}", err=True)
+    sys.exit(EXIT_TEMPFAIL if retry else EXIT_REFUSED)
+
+
+def _enroll(server: str, server_ca: Path, tcti: str, state_dir: Path, label: str | None,
+            timeout: float, force: bool, attempts: int, max_backoff: float, as_json: bool,
+            remember: Callable[[AttestedEnrollment], None]) -> None:
     state = DeviceState(state_dir)
     with TpmDevice(tcti) as tpm:
         _, device_key_public = tpm.device_key()
@@ -81,7 +116,9 @@ def enroll(server: str, server_ca: Path, tcti: str, state_dir: Path, label: str 
         if status is not None and state.current_certificate(device_key) is not None:
             _report("already-enrolled", status, state, as_json)
             return
-        with AttestedEnrollment(server, server_ca, tpm, label, timeout) as client:
+        with AttestedEnrollment(server, server_ca, tpm, label, timeout, attempts=attempts,
+                                max_backoff=max_backoff) as client:
+            remember(client)
             certificate = client.enroll()
             chain = client.cacerts()
         status = state.save(certificate, chain, tpm.tss2_private_key_pem(), group=label)

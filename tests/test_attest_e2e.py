@@ -196,3 +196,23 @@ def test_boot_state_policy_admits_good_firmware_and_refuses_a_changed_pcr(
                               "quote.pcr_mismatch", "attest.enroll")
         client.close()
 
+
+
+def test_enroll_device_exit_status_tells_a_refusal_from_a_temporary_failure(
+        server: ServedInstance, swtpm: tuple[SwtpmInstance, ProvisionedTpm],
+        tmp_path: Path) -> None:  # fmt: skip
+    instance, provisioned = swtpm
+    refused = enroll_device_cli(server, instance.tcti, tmp_path / "a", "default")
+    assert refused.returncode == 3, refused.stderr
+    answer = json.loads(refused.stdout)
+    assert (answer["outcome"], answer["http_status"], answer["code"], answer["retry"]) == (
+        "error", 403, "auth.method_not_allowed", False)
+    unreachable = subprocess.run(
+        [str(BIN / "enroll-device"), "enroll", "--server", "https://localhost:1",
+         "--server-ca", str(server.trust_anchor), "--tcti", instance.tcti, "--state-dir",
+         str(tmp_path / "b"), "--attempts", "2", "--max-backoff", "0", "--json"],
+        capture_output=True, text=True, timeout=120)
+    assert unreachable.returncode == 75, unreachable.stderr
+    answer = json.loads(unreachable.stdout)
+    assert (answer["code"], answer["retry"]) == ("client.retries_exhausted", True)
+    assert not (tmp_path / "b" / "device.crt.pem").exists()
