@@ -74,3 +74,60 @@ def test_help_shows_examples():
     assert "enroll-sim bench est --clients 1" in est.stdout
     for option in ("--requests", "--clients", "--workers", "--threads", "--json"):
         assert option in est.stdout
+
+
+def test_bench_attest_json_reports_all_fields_and_no_errors(tmp_path):
+    result = enroll_sim("bench", "attest", "--devices", "3", "--concurrency", "2", "--json",
+                        env={"TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+
+    settings, enrollments = report["settings"], report["enrollments"]
+    assert report["benchmark"] == "attest.enroll"
+    assert settings["devices"] == 3 and settings["concurrency"] == 2
+    assert settings["processes"] == 2 and settings["warmup"] >= 2
+    assert enrollments["attempted"] == enrollments["succeeded"] == 3
+    assert enrollments["failed"] == 0 and enrollments["errors_by_code"] == {}
+    assert enrollments["warmup_errors"] == {}
+    # Every enrollment (warm-up included) left a TPM certificate and its evidence.
+    assert enrollments["certificates_recorded"] == 3 + settings["warmup"]
+    assert enrollments["evidence_recorded"] == 3 + settings["warmup"]
+    device = report["device_ms"]
+    assert 0 < device["min"] <= device["p50"] <= device["p99"] <= device["max"]
+    breakdown = report["device_breakdown"]
+    assert breakdown["tpm_ms"] > 0 and breakdown["http_ms"] > 0
+    assert {"activate_credential", "certify", "sign"} <= set(breakdown["tpm_calls"])
+    assert set(breakdown["http_requests"]) == {"attest/challenge", "attest/enroll"}
+    assert report["server"]["cpu_ms_per_enrollment"] > 0
+    assert report["server"]["enrollments_per_second_per_core"] > 0
+    assert report["provisioning"]["tpms"] == 3 + settings["warmup"]
+    assert set(report["targets"]) >= {"server_cpu_ms_max", "device_p50_ms_max",
+                                      "server_cpu_met", "device_p50_met"}
+
+    # Nothing left behind: no instance, server, swtpm or client process, no temp file.
+    assert list(tmp_path.iterdir()) == []
+    assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_bench_attest_help_shows_examples():
+    attest = enroll_sim("bench", "attest", "--help")
+    assert attest.returncode == 0
+    assert "Examples:" in attest.stdout
+    assert "enroll-sim bench attest --concurrency 1" in attest.stdout
+    for option in ("--devices", "--concurrency", "--warmup", "--json"):
+        assert option in attest.stdout
+
+
+def test_demo_enrolls_tpm_devices_and_refuses_an_unknown_manufacturer(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "simulators.demo"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "issued serial" in out  # the EST part still runs first
+    assert out.count("boots and enrolls with TPM attestation") == 3
+    assert out.count("enrolled in ") == 3
+    assert "device 4 refused: 403 ek.untrusted" in out
+    # Every swtpm and the server are stopped; only the kept demo instance remains.
+    assert processes_mentioning(str(tmp_path)) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-instance"]

@@ -1,0 +1,544 @@
+"""`enroll-sim bench attest`: TPM-attested enrollment of swtpm devices, end to end through
+the device SDK (device_sdk.attest.AttestedEnrollment), against a real served instance.
+
+One run:
+  1. `enroll-server init` a private instance (SoftHSM CA key, SQLite) in a temp dir, a
+     test TPM manufacturer (simulators.manufacturer) and a group "fleet" (--auth tpm) that
+     trusts its EK roots;
+  2. start W + K swtpm processes and factory-provision each (EKs persisted, EK certificates
+     in NV): timed and reported on their own, not part of the enrollment numbers;
+  3. serve the instance (gunicorn gthread over TLS, rate limit lifted) and spawn C client
+     processes. Each enrolls one device at a time, as the device would on its first boot:
+     open the TPM, a new TLS connection, challenge (EK + certificate + AK),
+     TPM2_ActivateCredential, TPM2_Certify, a CSR signed in the TPM, enroll. The first W
+     devices are the warm-up (at least one per client process: imports, TLS, the server
+     workers' lazy PKCS#11 login); then the K measured ones from a shared counter;
+  4. stop every client, swtpm and server process and remove the temp dir, also on Ctrl-C
+     or SIGTERM.
+
+The SDK runs with attempts=1: a 429/503 is counted under its error code instead of being
+retried (with backoff) inside the measured time. Each device's ESAPI calls and HTTP
+requests are timed in the client (a proxy around the ESAPI object and the httpx client),
+which splits the device's wall time into TPM, HTTP and the rest.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import re
+import shutil
+import signal
+import sqlite3
+import statistics
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.x509.oid import NameOID
+
+from device_sdk.attest import AttestedEnrollment
+from device_sdk.est import EstError
+from device_sdk.tpm import TpmDevice, TpmError
+
+from .bench import BenchError
+from .bench_report import (
+    Progress,
+    cpu_seconds,
+    machine_info,
+    no_progress,
+    percentile,
+    process_tree_cpu_seconds,
+    progress_bar,
+    signals_held,
+)
+from .served import ServedInstance, ServerProcessError
+
+TARGET_SERVER_CPU_MS = 3.0  # server CPU per attested enrollment
+TARGET_DEVICE_P50_MS = 300.0  # device wall time per enrollment, on swtpm
+GROUP = "fleet"
+
+
+@dataclass(frozen=True)
+class AttestBenchOptions:
+    devices: int = 50
+    concurrency: int = 4
+    warmup: int = 4  # at least one per client process
+    workers: int = 2
+    threads: int = 8
+    timeout: float = 60.0
+    keep: bool = False  # keep the instance directory (and server log) for inspection
+
+
+# -- the device side (runs in spawned client processes) --------------------------------------
+
+class _Timer:
+    """Seconds per (kind, name) for one enrollment, and how many calls."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, dict[str, float]] = {"tpm": defaultdict(float),
+                                                      "http": defaultdict(float)}
+        self.calls: dict[str, dict[str, int]] = {"tpm": defaultdict(int),
+                                                 "http": defaultdict(int)}
+
+    def add(self, kind: str, name: str, seconds: float) -> None:
+        self.seconds[kind][name] += seconds
+        self.calls[kind][name] += 1
+
+    def total(self, kind: str) -> float:
+        return sum(self.seconds[kind].values())
+
+
+class _TimedEsapi:
+    """Times every ESAPI call (TSS marshalling + the round trip to the TPM)."""
+
+    def __init__(self, esapi: Any, timer: _Timer) -> None:
+        self._esapi, self._timer = esapi, timer
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._esapi, name)
+        if not callable(attribute):
+            return attribute
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return attribute(*args, **kwargs)
+            finally:
+                self._timer.add("tpm", name, time.perf_counter() - began)
+
+        return timed
+
+
+class _TimedTpmDevice(TpmDevice):
+    """A TpmDevice whose ESAPI calls are timed (the connect included)."""
+
+    def __init__(self, tcti: str, timer: _Timer) -> None:
+        super().__init__(tcti)
+        self._timer = timer
+
+    def __enter__(self) -> _TimedTpmDevice:
+        began = time.perf_counter()
+        super().__enter__()
+        self._timer.add("tpm", "connect", time.perf_counter() - began)
+        self._esapi = _TimedEsapi(self._esapi, self._timer)  # type: ignore[assignment]
+        return self
+
+
+def _time_http(client: Any, timer: _Timer) -> None:
+    request = client.http.request
+
+    def timed(method: str, url: str, **kwargs: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            return request(method, url, **kwargs)
+        finally:
+            timer.add("http", "/".join(url.rsplit("/", 2)[-2:]), time.perf_counter() - began)
+
+    client.http.request = timed
+
+
+_CAUSE = re.compile(r"EST (\d+) ([\w.\-]+)")
+
+
+def error_key(error: Exception) -> str:
+    """A stable key for a failed enrollment: "<status> <code>", "tpm 0x..", ..."""
+    if isinstance(error, EstError):
+        if error.code == "client.retries_exhausted":  # attempts=1: what the one attempt got
+            cause = _CAUSE.search(error.message)
+            if cause:
+                return f"{cause.group(1)} {cause.group(2)}"
+            transport = re.search(r": (\w+Error|\w+Timeout)\b", error.message)
+            return f"connection {transport.group(1)}" if transport else error.code
+        return f"{error.status} {error.code}".strip()
+    if isinstance(error, TpmError):
+        return f"tpm 0x{error.code:x}"
+    return type(error).__name__
+
+
+def enroll_device(url: str, trust_anchor: str, tcti: str, label: str | None,
+                  timeout: float) -> dict[str, Any]:
+    """One first-boot enrollment, timed; never raises for a refused or failed one."""
+    timer = _Timer()
+    error = None
+    began = time.perf_counter()
+    try:
+        with _TimedTpmDevice(tcti, timer) as tpm, \
+                AttestedEnrollment(url, Path(trust_anchor), tpm, label, timeout,
+                                   attempts=1) as client:
+            _time_http(client, timer)
+            certificate = client.enroll()
+            cn = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+            if cn != client.device_id:
+                error = "client.wrong_cn"
+    except Exception as exc:  # counted by kind: one bad device must not end the run
+        error = error_key(exc)
+    wall = time.perf_counter() - began
+    return {"error": error, "wall": wall, "tpm": timer.total("tpm"),
+            "http": timer.total("http"), "finished": time.monotonic(),
+            "tpm_calls": {k: (timer.calls["tpm"][k], v) for k, v in timer.seconds["tpm"].items()},
+            "http_calls": {k: (timer.calls["http"][k], v)
+                           for k, v in timer.seconds["http"].items()}}
+
+
+def client_process(url: str, trust_anchor: str, label: str, timeout: float,
+                   warmup: list[str], work: list[str], next_index: Any, done: Any,
+                   start: Any, results: Any) -> None:
+    """Warm-up devices, report ready, wait, then enroll devices from the shared index."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    warm_errors = Counter(r["error"] for r in
+                          (enroll_device(url, trust_anchor, tcti, label, timeout)
+                           for tcti in warmup) if r["error"])
+    results.put(("ready", os.getpid()))
+    start.wait()
+    cpu_start = sum(os.times()[:2])
+    records = []
+    while True:
+        with next_index.get_lock():
+            index = next_index.value
+            if index >= len(work):
+                break
+            next_index.value = index + 1
+        records.append(enroll_device(url, trust_anchor, work[index], label, timeout))
+        with done.get_lock():
+            done.value += 1
+    results.put(("done", {"records": records, "warmup_errors": dict(warm_errors),
+                          "cpu_seconds": sum(os.times()[:2]) - cpu_start}))
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+def _provision(count: int, directory: Path, manufacturer: Any, tpms: list[Any],
+               progress: Progress) -> dict[str, Any]:
+    """Start and factory-provision count swtpms (appended to tpms as they start)."""
+    from .swtpm import SwtpmInstance
+
+    starts, provisions = [], []
+    began = time.perf_counter()
+    for index in range(count):
+        tpm = SwtpmInstance(directory / f"{index:05d}")
+        tpms.append(tpm)
+        tpm.start()
+        starts.append(tpm.start_seconds)
+        step = time.perf_counter()
+        manufacturer.provision(tpm.tcti)
+        provisions.append(time.perf_counter() - step)
+        progress(f"provisioning TPMs {progress_bar(index + 1, count)}", False)
+    seconds = time.perf_counter() - began
+    progress(f"started and provisioned {count} swtpm TPMs in {seconds:.2f} s", True)
+
+    def summary(values: list[float]) -> dict[str, float]:
+        ordered = sorted(values)
+        return {"p50": round(1000 * percentile(ordered, 0.5), 2),
+                "max": round(1000 * ordered[-1], 2)}
+
+    return {"tpms": count, "seconds": round(seconds, 3), "swtpm_start_ms": summary(starts),
+            "provision_ms": summary(provisions),
+            "what": "swtpm start; RSA-2048 + ECC P-256 EKs persisted, their certificates "
+                    "signed by the test manufacturer and written to NV"}
+
+
+def _count_rows(instance: ServedInstance, sql: str) -> int:
+    uri = f"file:{instance.dir / 'enroll.db'}?mode=ro"
+    with sqlite3.connect(uri, uri=True, timeout=10) as connection:
+        return connection.execute(sql).fetchone()[0]
+
+
+def run_attest_bench(options: AttestBenchOptions,
+                     progress: Progress = no_progress) -> dict[str, Any]:
+    """Run the whole benchmark once; returns the report (see docs/performance.md)."""
+    from .manufacturer import Manufacturer
+
+    if options.devices < 1 or options.concurrency < 1:
+        raise ValueError("devices and concurrency must be at least 1")
+    processes = min(options.concurrency, options.devices)
+    warmup = max(options.warmup, processes)
+    tmp = Path(tempfile.mkdtemp(prefix="enroll-bench-attest-"))
+    instance: ServedInstance | None = None
+    tpms: list[Any] = []
+    workers: list[mp.process.BaseProcess] = []
+    try:
+        progress("initialising an instance (root CA, SoftHSM token, SQLite)", False)
+        instance = ServedInstance(directory=tmp / "instance", env={
+            "ENROLL_SERVER__WORKERS": str(options.workers),
+            "ENROLL_SERVER__THREADS": str(options.threads),
+            "ENROLL_SERVER__RATE_LIMIT_PER_SECOND": "1000000",
+            "ENROLL_SERVER__RATE_LIMIT_BURST": "1000000"})
+        manufacturer = Manufacturer.create(tmp / "manufacturer")
+        roots = tmp / "manufacturer" / "ek-roots.pem"
+        roots.write_text("".join(manufacturer.ca_certificate_pems))
+        instance.cli("group", "create", GROUP, "--auth", "tpm", "--ek-roots", str(roots))
+        progress(f"instance ready in {tmp}, group {GROUP!r} trusts the test manufacturer",
+                 True)
+        provisioning = _provision(warmup + options.devices, tmp / "tpm", manufacturer, tpms,
+                                  progress)
+
+        progress(f"starting gunicorn: {options.workers} workers x {options.threads} "
+                 "threads", False)
+        instance.start()
+        assert instance.process is not None
+        master_pid = instance.process.pid
+        progress(f"serving {instance.url}", True)
+
+        context = mp.get_context("spawn")  # never fork a process holding TPM/TLS state
+        next_index, done = context.Value("i", 0), context.Value("i", 0)
+        start, results = context.Event(), context.Queue()
+        tctis = [tpm.tcti for tpm in tpms]
+        warm, work = tctis[:warmup], tctis[warmup:]
+        for number in range(processes):
+            worker = context.Process(
+                target=client_process, daemon=True,
+                args=(instance.url, str(instance.trust_anchor), GROUP, options.timeout,
+                      warm[number::processes], work, next_index, done, start, results))
+            worker.start()
+            workers.append(worker)
+
+        progress(f"warm-up: {warmup} devices over {processes} client processes", False)
+        ready = 0
+        deadline = time.monotonic() + 300
+        while ready < processes:
+            ready += _next_result(results, workers, instance, deadline)[0] == "ready"
+        progress(f"warm-up done ({warmup} devices)", True)
+
+        swtpm_pids = [tpm.pid for tpm in tpms[warmup:] if tpm.pid]
+        server_before, swtpm_before = (process_tree_cpu_seconds(master_pid),
+                                       cpu_seconds(swtpm_pids))
+        t0 = time.monotonic()
+        start.set()
+        reports: list[dict[str, Any]] = []
+        next_tick = 0.0
+        deadline = t0 + 120 + options.devices * options.timeout
+        while len(reports) < processes:
+            try:
+                kind, payload = results.get(timeout=0.25)
+            except queue.Empty:
+                _check_alive(workers, instance)
+                if time.monotonic() > deadline:
+                    raise BenchError("the client processes did not finish") from None
+            else:
+                if kind == "done":
+                    reports.append(payload)
+            if time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + 0.25
+                count = done.value
+                rate = count / max(time.monotonic() - t0, 1e-9)
+                progress(f"enrolling {progress_bar(count, options.devices)}  {rate:.1f}/s",
+                         False)
+        records = [record for report in reports for record in report["records"]]
+        elapsed = max(record["finished"] for record in records) - t0
+        server_cpu = process_tree_cpu_seconds(master_pid) - server_before
+        swtpm_cpu = cpu_seconds(swtpm_pids) - swtpm_before
+        progress(f"enrolled {options.devices} devices in {elapsed:.2f} s", True)
+        for worker in workers:
+            worker.join(10)
+        recorded = {
+            "certificates": _count_rows(instance, "SELECT COUNT(*) FROM certificate "
+                                                  "WHERE issued_via = 'tpm'"),
+            "evidence": _count_rows(instance, "SELECT COUNT(*) FROM attestation_evidence")}
+    finally:
+        with signals_held():
+            for worker in workers:
+                if worker.is_alive():
+                    worker.terminate()
+                worker.join(5)
+                if worker.is_alive():
+                    worker.kill()
+            for tpm in tpms:
+                tpm.close()
+            if instance is not None:
+                instance.stop()
+            if not options.keep:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    return _report(options, processes, warmup, provisioning, reports, records, elapsed,
+                   server_cpu, swtpm_cpu, recorded, str(tmp) if options.keep else None)
+
+
+def _next_result(results: Any, workers: list[Any], instance: ServedInstance,
+                 deadline: float) -> tuple[str, Any]:
+    while time.monotonic() < deadline:
+        try:
+            return results.get(timeout=0.25)
+        except queue.Empty:
+            _check_alive(workers, instance)
+    raise BenchError("no answer from the client processes (warm-up) in time")
+
+
+def _check_alive(workers: list[Any], instance: ServedInstance) -> None:
+    for worker in workers:
+        if worker.exitcode not in (None, 0):
+            raise BenchError(f"client process exited with {worker.exitcode}")
+    if not instance.alive():
+        raise ServerProcessError("server exited during the benchmark:\n"
+                                 + instance.log_text()[-4000:])
+
+
+def _ms(seconds: float) -> float:
+    return round(1000 * seconds, 2)
+
+
+def _breakdown(ok: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean milliseconds per successful enrollment: TPM, HTTP, the rest; per call."""
+    if not ok:
+        return {}
+    count = len(ok)
+
+    def per_call(key: str) -> dict[str, dict[str, float]]:
+        calls: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+        for record in ok:
+            for name, (number, seconds) in record[key].items():
+                calls[name][0] += number
+                calls[name][1] += seconds
+        ordered = sorted(calls.items(), key=lambda item: -item[1][1])
+        return {name: {"calls": round(number / count, 2), "ms": _ms(seconds / count)}
+                for name, (number, seconds) in ordered}
+
+    wall = statistics.fmean(r["wall"] for r in ok)
+    tpm = statistics.fmean(r["tpm"] for r in ok)
+    http = statistics.fmean(r["http"] for r in ok)
+    return {"wall_ms": _ms(wall), "tpm_ms": _ms(tpm), "http_ms": _ms(http),
+            "other_ms": _ms(wall - tpm - http), "tpm_calls": per_call("tpm_calls"),
+            "http_requests": per_call("http_calls")}
+
+
+def _report(options: AttestBenchOptions, processes: int, warmup: int,
+            provisioning: dict[str, Any], reports: list[dict[str, Any]],
+            records: list[dict[str, Any]], elapsed: float, server_cpu: float,
+            swtpm_cpu: float, recorded: dict[str, int], kept_dir: str | None) -> dict[str, Any]:
+    ok = [r for r in records if r["error"] is None]
+    errors = Counter(r["error"] for r in records if r["error"] is not None)
+    warm_errors: Counter[str] = Counter()
+    for report in reports:
+        warm_errors.update(report["warmup_errors"])
+    walls = sorted(r["wall"] for r in ok)
+    per_ok = max(len(ok), 1)
+    cpu_ms = 1000 * server_cpu / per_ok
+    p50_ms = 1000 * percentile(walls, 0.5) if walls else None
+    return {
+        "benchmark": "attest.enroll",
+        "machine": machine_info(),
+        "settings": {**asdict(options), "processes": processes, "warmup": warmup,
+                     "group": GROUP, "ca_backend": "pkcs11 (SoftHSM)",
+                     "database": "sqlite (WAL)", "server": "gunicorn gthread over TLS",
+                     "client": "device_sdk AttestedEnrollment (attempts=1), one device at "
+                               "a time per client process, a new TLS connection each",
+                     "tpm": "swtpm, ECC P-256 EK with a manufacturer certificate in NV"},
+        "provisioning": provisioning,
+        "enrollments": {
+            "attempted": len(records), "succeeded": len(ok), "failed": sum(errors.values()),
+            "errors_by_code": dict(errors.most_common()),
+            "warmup_errors": dict(warm_errors),
+            "seconds": round(elapsed, 3),
+            "enrollments_per_second": round(len(ok) / elapsed, 2) if elapsed > 0 else None,
+            "certificates_recorded": recorded["certificates"],
+            "evidence_recorded": recorded["evidence"],
+        },
+        "device_ms": {
+            "p50": round(p50_ms, 2) if p50_ms is not None else None,
+            "p99": _ms(percentile(walls, 0.99)) if walls else None,
+            "min": _ms(walls[0]) if walls else None,
+            "max": _ms(walls[-1]) if walls else None,
+            "mean": _ms(statistics.fmean(walls)) if walls else None,
+        },
+        "device_breakdown": _breakdown(ok),
+        "server": {
+            "cpu_ms_per_enrollment": round(cpu_ms, 3),
+            "cpu_utilisation": round(server_cpu / elapsed / (os.cpu_count() or 1), 3)
+            if elapsed > 0 else None,
+            "enrollments_per_second_per_core": round(1000 / cpu_ms, 1) if cpu_ms > 0 else None,
+        },
+        "client_cpu_ms_per_enrollment": round(
+            1000 * sum(r["cpu_seconds"] for r in reports) / per_ok, 3),
+        "swtpm_cpu_ms_per_enrollment": round(1000 * swtpm_cpu / per_ok, 3),
+        "targets": {"server_cpu_ms_max": TARGET_SERVER_CPU_MS,
+                    "device_p50_ms_max": TARGET_DEVICE_P50_MS,
+                    "server_cpu_met": cpu_ms < TARGET_SERVER_CPU_MS,
+                    "device_p50_met": p50_ms is not None and p50_ms < TARGET_DEVICE_P50_MS},
+        "kept_instance_dir": kept_dir,
+    }
+
+
+def format_attest_report(report: dict[str, Any]) -> str:
+    machine, settings, enrollments = report["machine"], report["settings"], report["enrollments"]
+    device, server, targets = report["device_ms"], report["server"], report["targets"]
+    provisioning, breakdown = report["provisioning"], report["device_breakdown"]
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f} ms"
+
+    def mark(met: bool) -> str:
+        return "PASS" if met else "MISS"
+
+    rows = [
+        ("device enrollment p50", ms(device["p50"]),
+         f"< {targets['device_p50_ms_max']:g} ms   {mark(targets['device_p50_met'])}"),
+        ("device enrollment p99", ms(device["p99"]), ""),
+        ("device enrollment min / max", f"{ms(device['min'])} / {ms(device['max'])}", ""),
+        ("succeeded / failed", f"{enrollments['succeeded']} / {enrollments['failed']}",
+         ", ".join(f"{k}: {v}" for k, v in enrollments["errors_by_code"].items())),
+        ("enrollments/s (wall clock)", f"{enrollments['enrollments_per_second'] or 0:.1f}",
+         f"{enrollments['seconds']:.2f} s"),
+        ("server CPU per enrollment", f"{server['cpu_ms_per_enrollment']:.2f} ms",
+         f"< {targets['server_cpu_ms_max']:g} ms     {mark(targets['server_cpu_met'])}"),
+        ("server capacity", f"{server['enrollments_per_second_per_core'] or 0:.0f}/s",
+         f"per core (1 / CPU per enrollment); {100 * (server['cpu_utilisation'] or 0):.0f}"
+         "% of all CPUs used"),
+        ("client CPU per enrollment", f"{report['client_cpu_ms_per_enrollment']:.2f} ms",
+         "SDK process"),
+        ("swtpm CPU per enrollment", f"{report['swtpm_cpu_ms_per_enrollment']:.2f} ms", ""),
+    ]
+    lines = [
+        "TPM-attested enrollment benchmark",
+        f"  machine  {machine['cpus']} CPUs ({machine['cpu_model']}), Python "
+        f"{machine['python']}, {machine['openssl']}; load average "
+        f"{machine['load_average_1min']} at start",
+        f"  server   gunicorn gthread {settings['workers']} workers x {settings['threads']} "
+        f"threads over TLS, CA key {settings['ca_backend']}, {settings['database']}",
+        f"  devices  {enrollments['attempted']} measured after {settings['warmup']} warm-up; "
+        f"{settings['processes']} concurrent client process"
+        f"{'es' if settings['processes'] != 1 else ''}, one device at a time each, "
+        "a new TLS connection per device",
+        f"  factory  {provisioning['tpms']} swtpm started and provisioned in "
+        f"{provisioning['seconds']:.2f} s (not in the numbers below): start p50 "
+        f"{provisioning['swtpm_start_ms']['p50']:.0f} ms, provision p50 "
+        f"{provisioning['provision_ms']['p50']:.0f} ms / max "
+        f"{provisioning['provision_ms']['max']:.0f} ms",
+        "",
+        f"  {'metric':<30}{'value':>19}   target",
+    ]
+    lines += [f"  {name:<30}{value:>19}   {note}".rstrip() for name, value, note in rows]
+    if breakdown:
+        wall = breakdown["wall_ms"] or 1.0
+
+        def share(value: float) -> str:
+            return f"{value:7.1f} ms {100 * value / wall:4.0f}%"
+
+        def calls(items: dict[str, dict[str, float]], top: int) -> str:
+            return ", ".join(f"{name} {c['ms']:.1f}" + (f" ({c['calls']:g}x)" if c["calls"] != 1
+                                                         else "")
+                             for name, c in list(items.items())[:top])
+
+        lines += [
+            "",
+            f"  where a device's time goes (mean of {enrollments['succeeded']}, "
+            f"{breakdown['wall_ms']:.1f} ms)",
+            f"    TPM (ESAPI calls)   {share(breakdown['tpm_ms'])}   "
+            f"{calls(breakdown['tpm_calls'], 6)}",
+            f"    HTTPS requests      {share(breakdown['http_ms'])}   "
+            f"{calls(breakdown['http_requests'], 4)} (first one incl. TLS connect)",
+            f"    SDK Python, other   {share(breakdown['other_ms'])}   CSR, JSON, base64, "
+            "certificate parsing, TLS context",
+        ]
+    if enrollments["warmup_errors"]:
+        lines.append(f"  warm-up errors: {enrollments['warmup_errors']}")
+    if enrollments["certificates_recorded"] != enrollments["succeeded"] + settings["warmup"] \
+            - sum(enrollments["warmup_errors"].values()):
+        lines.append(f"  note: {enrollments['certificates_recorded']} TPM certificates "
+                     "recorded in the database (warm-up included)")
+    if report.get("kept_instance_dir"):
+        lines.append(f"  instance kept in {report['kept_instance_dir']}")
+    return "\n".join(lines)
