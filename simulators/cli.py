@@ -16,6 +16,9 @@ Examples:
   enroll-sim bench est --json > est-bench.json
   enroll-sim bench attest
   enroll-sim bench attest --devices 50 --concurrency 1
+  enroll-sim bench revoke --agents 200 --revocations 100
+  enroll-sim fleet --devices 1000 --concurrency 6
+  enroll-sim fleet --devices 20 --chaos broker,server,relay
 """
 
 BENCH_EST_EPILOG = """\b
@@ -228,3 +231,6 @@ def run() -> None:
 
 if __name__ == "__main__":
     run()
+
+
+from . import cli_fleet  # noqa: E402,F401  (registers bench revoke and fleet)
