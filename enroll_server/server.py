@@ -3,14 +3,19 @@
 Each worker builds its own application (no preload), so every worker process has its
 own PKCS#11 session and database connection (SoftHSM is not fork- or thread-safe:
 FIELD-NOTES). The TLS context asks for a client certificate (CERT_OPTIONAL) trusted by
-the issuing CA or a bootstrap CA; the application re-checks expiry, revocation and group
+the issuing CAs or a bootstrap CA; the application re-checks expiry, revocation and group
 policy itself, so the handshake skips the time check (X509_V_FLAG_NO_CHECK_TIME) and an
 expired device certificate earns a clear EST error instead of a TLS alert.
+
+SIGHUP (gunicorn): the master re-reads the configuration and the client trust bundle
+(e.g. after `enroll-server ca rotate`), starts new workers, which load the active CA
+from the database, and stops the old ones gracefully.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from pathlib import Path
 
@@ -19,19 +24,30 @@ from gunicorn.app.base import BaseApplication
 from .config import Settings, load_settings
 
 X509_V_FLAG_NO_CHECK_TIME = 0x200000  # OpenSSL x509_vfy.h
+log = logging.getLogger(__name__)
 
 
 def client_trust_bundle(settings: Settings) -> str:
-    """PEM of every CA whose certificates may authenticate a client over TLS."""
+    """PEM of every CA whose certificates may authenticate a client over TLS: the active
+    issuing CA, retired ones while any certificate they issued is unexpired (devices
+    re-enroll with those), the root, and the groups' bootstrap CAs."""
+    import datetime as dt
+
+    from .authorities import client_trust_certificates, pem
     from .store.db import migrate, open_database
     from .store.models import EnrollmentGroup
+    from .store.repository import Repository
 
-    parts = [settings.ca.certificate.read_text()]
-    if settings.ca.root_certificate.exists():
-        parts.append(settings.ca.root_certificate.read_text())
     database = open_database(settings.database.url, settings.instance_dir)
     with database.connection_context():
         migrate(database)  # once, in the master, before workers start
+        repository = Repository(database)
+        parts = [pem(c) for c in client_trust_certificates(
+            settings, repository, dt.datetime.now(dt.UTC))]
+        if not parts:  # an instance without a recorded CA (yet): the configured one
+            parts.append(settings.ca.certificate.read_text())
+        if settings.ca.root_certificate.exists():
+            parts.append(settings.ca.root_certificate.read_text())
         parts.extend(g.bootstrap_ca_pem for g in EnrollmentGroup.select()
                      if g.bootstrap_ca_pem.strip())
     database.close()
@@ -54,9 +70,14 @@ class EnrollServer(BaseApplication):
         self.config_path = config_path
         self.settings = settings
         self.trust_bundle = client_trust_bundle(settings)
+        self._loaded = False
         super().__init__()
 
     def load_config(self) -> None:
+        """At start and on every SIGHUP (gunicorn re-runs it in the master)."""
+        if self._loaded:
+            self._reload_trust()
+        self._loaded = True
         server = self.settings.server
         trust_bundle = self.trust_bundle
         settings = self.settings
@@ -72,8 +93,30 @@ class EnrollServer(BaseApplication):
         self.cfg.set("proc_name", "enroll-server")
         if "control_socket_disable" in self.cfg.settings:  # gunicorn >= 24
             self.cfg.set("control_socket_disable", True)
-        self.cfg.set("ssl_context", lambda conf, factory: make_ssl_context(settings,
-                                                                            trust_bundle))
+        contexts: dict[int, ssl.SSLContext] = {}
+
+        def ssl_context(conf: object, factory: object) -> ssl.SSLContext:
+            # gunicorn asks for every connection: build it once per worker process
+            # (loading keys and the trust bundle costs ~2.6 ms, and one context keeps
+            # TLS session resumption working).
+            pid = os.getpid()
+            if pid not in contexts:
+                contexts[pid] = make_ssl_context(settings, trust_bundle)
+            return contexts[pid]
+
+        self.cfg.set("ssl_context", ssl_context)
+
+    def _reload_trust(self) -> None:
+        """Re-read settings and the client trust bundle; on any failure keep the old ones
+        (gunicorn would exit the master on an exception here)."""
+        try:
+            settings = load_settings(self.config_path)
+            trust_bundle = client_trust_bundle(settings)
+        except Exception:  # noqa: BLE001 - a reload must never take the server down
+            log.exception("reload: keeping the previous settings and client trust bundle")
+            return
+        self.settings, self.trust_bundle = settings, trust_bundle
+        log.info("reload: client trust bundle re-read")
 
     def load(self):
         from .app import create_app
@@ -86,8 +129,6 @@ class EnrollServer(BaseApplication):
 
 def serve(config_path: Path, port: int | None = None, workers: int | None = None,
           with_relay: bool = False) -> None:
-    import os
-
     if port is not None:
         os.environ["ENROLL_SERVER__PORT"] = str(port)
     if workers is not None:
