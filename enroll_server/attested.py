@@ -82,6 +82,9 @@ class AttestedRequest:
     quote_signature: bytes | None = None
 
 
+CLEANUP_ONE_IN = 64  # one challenge request in this many also deletes expired challenges
+
+
 def pcr_policy(group: EnrollmentGroup) -> PcrMap | None:
     return att.pcr_policy_from_json(json.loads(group.pcr_policy)) if group.pcr_policy else None
 
@@ -156,8 +159,9 @@ class AttestationService:
     def _store(self, group: EnrollmentGroup, request: ChallengeRequest, challenge: Challenge,
                ak_name: bytes, secret: bytes, now: dt.datetime) -> None:
         with self.repository.transaction():
-            AttestationChallenge.delete().where(
-                AttestationChallenge.expires_at < naive_utc(now)).execute()
+            if secrets.randbelow(CLEANUP_ONE_IN) == 0:  # amortised: not on every request
+                AttestationChallenge.delete().where(
+                    AttestationChallenge.expires_at < naive_utc(now)).execute()
             open_challenges = AttestationChallenge.select().where(
                 (AttestationChallenge.device_id == challenge.device_id)
                 & AttestationChallenge.used_at.is_null()).count()
@@ -219,9 +223,9 @@ class AttestationService:
             raise PolicyRefused("The CSR's CN must be the device id the server derived "
                                 "from the EK.", code="csr.identity_mismatch",
                                 detail=f"CN {common_name!r}")
-        reset_count = self._check_quote(group, request, ak_public, nonce, challenge.device_id)
         with self.repository.transaction(readonly=True):
             device = self.repository.device(challenge.device_id)
+        reset_count = self._check_quote(group, request, ak_public, nonce, device)
         identity = Identity(device_id=challenge.device_id, group=group, method="tpm",
                             identity_pin="ek:" + challenge.device_id,
                             credential_pin="ek:" + challenge.device_id,
@@ -246,7 +250,7 @@ class AttestationService:
         return self.enrollment.issue(identity, csr, bind), identity
 
     def _check_quote(self, group: EnrollmentGroup, request: AttestedRequest, ak_public: bytes,
-                     nonce: bytes, device_id: str) -> int | None:
+                     nonce: bytes, device: Device | None) -> int | None:
         """The boot state against the group's golden PCRs; returns the quoted resetCount."""
         policy = pcr_policy(group)
         if request.quote_info is None or request.quote_signature is None:
@@ -255,8 +259,6 @@ class AttestationService:
             return None
         result = att.verify_quote(request.quote_info, request.quote_signature, ak_public,
                                   nonce, policy)
-        with self.repository.transaction(readonly=True):
-            device = self.repository.device(device_id)
         att.check_reset_count(device.last_reset_count if device else None, result.clock)
         return result.clock.reset_count
 

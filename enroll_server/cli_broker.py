@@ -42,19 +42,25 @@ def broker_config(ctx: Context, directory: Path, port: int, bind: str,
                   hostnames: tuple[str, ...], gateways: tuple[str, ...]) -> None:
     """Write a Mosquitto configuration that enforces device identities and revocation."""
     from .notify.broker import write_broker_config
-    from .revocation import CrlPublisher
-    from .services import load_signer
+    from .revocation import latest_crl
+    from .services import load_authorities
 
     settings = ctx.settings()
     repository = ctx.repository()
-    latest = repository.run(CrlPublisher.latest)
-    if latest is None:
-        raise click.ClickException("no CRL published yet: run `enroll-server crl publish`")
+    authorities = load_authorities(settings, repository)
+    crls = []
+    for signer in authorities.live():  # Mosquitto needs the CRL of every CA it trusts
+        latest = repository.read(lambda name=signer.name: latest_crl(name))
+        if latest is None:
+            raise click.ClickException(f"no CRL of {signer.name} published yet: run "
+                                       "`enroll-server crl publish`")
+        crls.append(bytes(latest.der))
     files = write_broker_config(
-        directory, load_signer(settings), bytes(latest.der), bind=bind, port=port,
+        directory, authorities.active, crls, bind=bind, port=port,
         hostnames=list(hostnames or ("localhost", "127.0.0.1")),
         publisher_dir=settings.instance_dir / "mqtt", topic_prefix=settings.mqtt.topic_prefix,
-        gateways=gateways)
+        gateways=gateways, trusted=[s.ca_certificate for s in authorities.live()]
+        + list(authorities.chain))
     config_path = Path(ctx.config)
     document = tomllib.loads(config_path.read_text())
     document["mqtt"] = {**document.get("mqtt", {}), "host": "localhost", "port": port,
@@ -77,22 +83,21 @@ Runs until SIGINT/SIGTERM. Several relays may run against one PostgreSQL databas
 @click.option("--batch", default=200, show_default=True, type=click.IntRange(1, 10000))
 @pass_context
 def relay(ctx: Context, batch: int) -> None:
-    """Publish queued notices to the broker; renewals, CRL refresh, broker CRL."""
+    """Publish queued notices to the broker; renewals, CRLs of every CA, broker CRL."""
     from .notify.broker import BrokerCrlSync
     from .notify.duties import Duties
     from .notify.outbox import MqttPublisher, OutboxRelay
-    from .revocation import CrlPublisher
-    from .services import load_signer, notice_issuer
+    from .services import load_authorities, notice_issuer
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s relay %(levelname)s %(message)s")
     settings = ctx.settings()
     repository = ctx.repository()
-    signer = load_signer(settings)
     clock = lambda: dt.datetime.now(dt.UTC)  # noqa: E731
     broker = BrokerCrlSync(settings.mqtt.broker_crl_file, settings.mqtt.broker_pid_file)
-    duties = Duties(repository, notice_issuer(settings, signer),
-                    CrlPublisher(settings.revocation, signer, clock), broker, clock)
+    duties = Duties(repository, load_authorities(settings, repository),
+                    lambda signer: notice_issuer(settings, signer), settings.revocation,
+                    broker, clock)
     publisher = MqttPublisher(settings.mqtt, client_id=f"enroll-relay-{id(settings):x}")
     worker = OutboxRelay(repository, publisher, clock, batch=batch)
     stop = threading.Event()

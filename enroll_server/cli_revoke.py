@@ -2,7 +2,7 @@
 
     enroll-server revoke --device ID | --serial HEX | --group NAME [--reason R]
     enroll-server readmit ID
-    enroll-server crl publish | show
+    enroll-server crl publish | show [--ca NAME]
 """
 
 from __future__ import annotations
@@ -48,17 +48,21 @@ def revoke(ctx: Context, device_id: str | None, serial: str | None, group_name: 
         click.echo(json.dumps({"devices": result.devices,
                                "serials": [format(int(s), "x") for s in result.serials],
                                "already_revoked": result.already_revoked,
-                               "crl_number": result.crl_number}))
+                               "crl_number": result.crl_number,
+                               "crl_numbers": result.crl_numbers}))
         return
     click.echo(f"Revoked {len(result.serials)} certificate(s) of {len(result.devices)} "
                f"device(s), reason {reason}."
                + (f" {result.already_revoked} already revoked." if result.already_revoked
                   else ""))
     if result.crl_number is None:
-        click.echo("warning: the CRL could not be rebuilt now (HSM or database busy); the "
-                   "relay rebuilds it. OCSP already answers 'revoked'.", err=True)
+        failed = ", ".join(n for n, number in result.crl_numbers.items() if number is None)
+        click.echo(f"warning: the CRL of {failed} could not be rebuilt now (HSM or database "
+                   "busy); the relay rebuilds it. OCSP already answers 'revoked'.", err=True)
     else:
-        click.echo(f"CRL number {result.crl_number} published; notices queued for the relay.")
+        published = ", ".join(f"{name} number {number}"
+                              for name, number in result.crl_numbers.items())
+        click.echo(f"CRL published ({published}); notices queued for the relay.")
 
 
 @main.command(epilog="\b\nExample:\n  enroll-server readmit 3f1c...e9")
@@ -78,34 +82,41 @@ def readmit(ctx: Context, device_id: str) -> None:
 
 @main.group()
 def crl() -> None:
-    """The issuing CA's certificate revocation list."""
+    """The certificate revocation lists of the issuing CAs (one per CA generation)."""
 
 
 @crl.command("publish")
 @pass_context
 def crl_publish(ctx: Context) -> None:
-    """Build and publish a new CRL now."""
+    """Build and publish a new CRL of every live issuing CA now."""
     from .services import build_revocation
 
     service = build_revocation(ctx.settings(), ctx.repository())
-    number = service.republish_crl()
-    if number is None:
-        raise click.ClickException("the CRL could not be built; see the log")
-    click.echo(f"Published CRL number {number}.")
+    numbers = service.republish_crls()
+    failed = [name for name, number in numbers.items() if number is None]
+    if failed:
+        raise click.ClickException(f"the CRL of {', '.join(failed)} could not be built; "
+                                   "see the log")
+    for name, number in numbers.items():
+        click.echo(f"Published CRL number {number} of {name}.")
 
 
 @crl.command("show")
+@click.option("--ca", "ca_name", help="Issuing CA generation (default: the active one; "
+              "see `enroll-server ca list`).")
 @json_option
 @pass_context
-def crl_show(ctx: Context, as_json: bool) -> None:
-    """The newest published CRL."""
-    from .revocation import CrlPublisher
+def crl_show(ctx: Context, ca_name: str | None, as_json: bool) -> None:
+    """The newest published CRL of an issuing CA."""
+    from .revocation import latest_crl
 
     repository = ctx.repository()
-    latest = repository.run(CrlPublisher.latest)
+    name = ca_name or repository.read(repository.active_ca_name) or "issuing-ca"
+    latest = repository.read(lambda: latest_crl(name))
     if latest is None:
-        raise click.ClickException("no CRL published yet: enroll-server crl publish")
-    info = {"crl_number": latest.crl_number, "entries": latest.entries,
+        raise click.ClickException(f"no CRL of {name} published yet: enroll-server crl "
+                                   "publish")
+    info = {"ca": name, "crl_number": latest.crl_number, "entries": latest.entries,
             "this_update": latest.this_update, "next_update": latest.next_update,
             "bytes": len(bytes(latest.der))}
     if as_json:

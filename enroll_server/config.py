@@ -70,6 +70,10 @@ class Pkcs11Settings:
 
 @dataclass(frozen=True)
 class CASettings:
+    """The first issuing CA and where CA keys live. Later CA generations (`enroll-server
+    ca rotate`) are recorded in the database (authorities.py): same token, module and
+    PIN, their own key label (or key file)."""
+
     backend: str = "pkcs11"
     certificate: Path = Path("ca/issuing-ca.pem")
     root_certificate: Path = Path("ca/root-ca.pem")

@@ -11,6 +11,7 @@ is a decision, not a refusal).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from cryptography import x509
 from .ca.profiles import CertProfile, revocation_urls
 from .ca.signer import Signer
 from .config import Settings
-from .errors import Conflict, EnrollError, PendingApproval, PolicyRefused
+from .errors import Conflict, EnrollError, PendingApproval, PolicyRefused, ServiceUnavailable
 from .identity import Identity, authenticate_enroll, authenticate_reenroll
 from .policy.csr import (
     KeyPolicy,
@@ -36,6 +37,7 @@ from .store.models import Certificate, Device, EnrollmentGroup, PendingRequest, 
 from .store.repository import Repository
 
 Binder = Callable[[Device, Certificate], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -141,16 +143,31 @@ class EnrollmentService:
             raise Conflict("This device identity is already enrolled.",
                            code="identity.taken",
                            detail=f"device {identity.device_id} enrolled concurrently")
+        self._require_active_ca()
         certificate = self.signer.issue(csr.public_key(), profile, self.clock())
         Device.update(updated_at=utcnow()).where(Device.id == device.id).execute()
         repo.supersede_active_certificates(device)
         row = repo.record_certificate(device, certificate, identity.method,
-                                      renew_at=self.renew_at(certificate))
+                                      renew_at=self.renew_at(certificate),
+                                      issuer=self.signer.name)
         if bind is not None:
             bind(device, row)
         PendingRequest.delete().where(
             PendingRequest.device_id == identity.device_id).execute()
         return certificate
+
+    def _require_active_ca(self) -> None:
+        """Inside the issuing transaction: this process's CA must still be the active one.
+        After `enroll-server ca rotate` a server that has not reloaded yet (SIGHUP) would
+        sign with a retired CA; it answers 503 + Retry-After until it reloads."""
+        active = self.repository.active_ca_name()
+        if active is not None and active != self.signer.name:
+            log.error("issuing CA %r was retired (the active CA is %r): reload this "
+                      "server (SIGHUP) to issue from the new CA", self.signer.name, active)
+            raise ServiceUnavailable(
+                "The issuing CA is being rotated; retry shortly.", code="ca.rotated",
+                retry_after=10, detail=f"this process signs with retired CA "
+                                       f"{self.signer.name!r}; active is {active!r}")
 
     def renew_at(self, certificate: x509.Certificate) -> dt.datetime:
         """When the renewal-due notice goes out: a point of the lifetime plus jitter, so a
@@ -167,7 +184,7 @@ class EnrollmentService:
             device_id=identity.device_id, group=group.name,
             lifetime=dt.timedelta(days=group.lifetime_days),
             backdate=dt.timedelta(seconds=self.settings.issuance.backdate_seconds),
-            **revocation_urls(self.settings.server.public_url))
+            **revocation_urls(self.settings.server.public_url, self.signer.name))
 
     def audited(self, action: str, ctx: RequestContext,
                  work: Callable[[], tuple[x509.Certificate, Identity]]) -> x509.Certificate:

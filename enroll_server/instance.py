@@ -5,8 +5,12 @@
     DIR/ca/root-ca.pem|.key    root CA; key encrypted with secrets/root-ca.pass: take both
                                offline once the instance works
     DIR/ca/issuing-ca.pem      issuing CA certificate; its key is in the PKCS#11 token
-    DIR/ca/ca-chain.pem        issuing + root: the trust anchor file to give clients
-    DIR/ca/ocsp-responder.*    delegated OCSP responder key + certificate (RFC 6960 4.2.2.2)
+                               (label issuing-ca); `ca rotate` adds issuing-ca-2.pem ...
+    DIR/ca/ca-chain.pem        active issuing CA + root: the trust anchor file to give
+                               clients (rewritten by `ca rotate`; trusting the root alone
+                               works too: servers send their chain)
+    DIR/ca/ocsp-responder.*    delegated OCSP responder key + certificate (RFC 6960 4.2.2.2);
+                               ocsp-responder-<ca>.* for later CA generations
     DIR/ca/notice-signer.*     notice-signing key + certificate (signed MQTT notices)
     DIR/softhsm/               SoftHSM2 token store (only when no token was configured)
     DIR/tls/server.pem|.key    the EST listener's TLS certificate and key
@@ -28,6 +32,7 @@ import tomli_w
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from .authorities import seed_first_ca
 from .ca import delegated, hierarchy
 from .ca.keys import (
     Pkcs11PrivateKey,
@@ -36,6 +41,7 @@ from .ca.keys import (
     load_file_private_key,
     write_file_private_key,
 )
+from .ca.profiles import FIRST_CA_NAME
 from .ca.signer import Signer
 from .config import load_settings
 from .store.db import migrate, open_database
@@ -121,8 +127,9 @@ def init_instance(options: InitOptions) -> dict[str, str]:
     with database.connection_context():
         migrate(database)
     repository = Repository(database)
+    seed_first_ca(settings, repository)  # the CA generation "issuing-ca"
     _prepare_revocation(settings, repository, Signer(
-        issuing_certificate, issuing_key, (root_certificate,)))
+        issuing_certificate, issuing_key, (root_certificate,), name=FIRST_CA_NAME))
     repository.audit(actor=f"operator:{_whoami()}", action="instance.init",
                      outcome="success", detail={"ca_key": options.ca_key,
                                                 "directory": str(directory)})

@@ -6,8 +6,9 @@
 
 What learns of it and when:
 - OCSP answers from the database on every request: at once, in every replica;
-- the CRL is rebuilt right after the commit; if that fails, the relay's periodic duty
-  rebuilds it (it notices a revocation newer than the newest CRL);
+- the CRL of the CA that issued each revoked certificate (CA generations: a retired CA
+  keeps publishing its own CRL) is rebuilt right after the commit; if that fails, the
+  relay's periodic duty rebuilds it (it notices a revocation newer than the newest CRL);
 - the broker's crlfile and the device notice follow from the relay (notify/).
 
 A revoked device cannot enroll again in any way until an operator re-admits it
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import peewee as pw
@@ -53,16 +54,29 @@ class RevocationResult:
     devices: list[str] = field(default_factory=list)
     serials: list[str] = field(default_factory=list)
     already_revoked: int = 0
-    crl_number: int | None = None
+    crl_number: int | None = None  # None if a CRL could not be rebuilt now
+    crl_numbers: dict[str, int | None] = field(default_factory=dict)  # per issuing CA
+
+
+def latest_crl(issuer: str) -> PublishedCrl | None:
+    """The newest CRL of issuing CA ``issuer`` (a CA generation name)."""
+    return (PublishedCrl.select().where(PublishedCrl.issuer == issuer)
+            .order_by(PublishedCrl.crl_number.desc()).first())
 
 
 class CrlPublisher:
-    """Builds the issuing CA's CRL from the database and stores it (PublishedCrl)."""
+    """Builds one issuing CA's CRL from the database and stores it (PublishedCrl).
+
+    Every CA generation has its own: the entries are the revoked, unexpired certificates
+    it issued (Certificate.issuer), the numbers increase per issuer, and a retired CA
+    keeps signing its CRL until its certificate expires.
+    """
 
     def __init__(self, settings: RevocationSettings, signer: Signer,
                  clock: Callable[[], dt.datetime]) -> None:
         self.settings = settings
         self.signer = signer
+        self.issuer = signer.name
         self.clock = clock
 
     def publish(self) -> PublishedCrl:
@@ -75,13 +89,15 @@ class CrlPublisher:
                            Certificate.serial, Certificate.revoked_at,
                            Certificate.revocation_reason)
                        .where((Certificate.status == "revoked")
+                              & (Certificate.issuer == self.issuer)
                               & (Certificate.not_after > naive_utc(now))).tuples()]
-            number = (PublishedCrl.select(pw.fn.MAX(PublishedCrl.crl_number)).scalar() or 0) + 1
+            number = (PublishedCrl.select(pw.fn.MAX(PublishedCrl.crl_number)).where(
+                PublishedCrl.issuer == self.issuer).scalar() or 0) + 1
             next_update = now + dt.timedelta(hours=self.settings.crl_validity_hours)
             der = build_crl(self.signer.private_key, self.signer.ca_certificate, entries,
                             number, now, next_update)
             try:
-                return PublishedCrl.create(crl_number=number, der=der,
+                return PublishedCrl.create(issuer=self.issuer, crl_number=number, der=der,
                                            this_update=naive_utc(now),
                                            next_update=naive_utc(next_update),
                                            entries=len(entries), created_at=naive_utc(now))
@@ -89,9 +105,8 @@ class CrlPublisher:
                 continue
         raise EnrollError(code="crl.publish_conflict", detail="three CRL number collisions")
 
-    @staticmethod
-    def latest() -> PublishedCrl | None:
-        return PublishedCrl.select().order_by(PublishedCrl.crl_number.desc()).first()
+    def latest(self) -> PublishedCrl | None:
+        return latest_crl(self.issuer)
 
     def is_stale(self) -> bool:
         """No CRL yet, an old one, or a revocation newer than the newest CRL."""
@@ -101,17 +116,25 @@ class CrlPublisher:
         if latest.created_at < naive_utc(self.clock()) - dt.timedelta(
                 hours=self.settings.crl_refresh_hours):
             return True
-        newest_revocation = Certificate.select(pw.fn.MAX(Certificate.revoked_at)).scalar()
+        newest_revocation = Certificate.select(pw.fn.MAX(Certificate.revoked_at)).where(
+            Certificate.issuer == self.issuer).scalar()
         return newest_revocation is not None and newest_revocation > latest.created_at
 
 
 class RevocationService:
-    def __init__(self, repository: Repository, notices: NoticeIssuer, crl: CrlPublisher,
-                 clock: Callable[[], dt.datetime]) -> None:
+    """crls: a CrlPublisher per live CA generation (by name)."""
+
+    def __init__(self, repository: Repository, notices: NoticeIssuer,
+                 crls: Mapping[str, CrlPublisher], clock: Callable[[], dt.datetime]) -> None:
+        if not crls:
+            raise ValueError("a RevocationService needs at least one CRL publisher")
         self.repository = repository
         self.notices = notices
-        self.crl = crl
+        self.crls = dict(crls)
         self.clock = clock
+        # The active CA's: published when a revocation touched no certificate at all.
+        self.default_issuer = next((name for name, publisher in self.crls.items()
+                                    if not publisher.signer.retired), list(self.crls)[-1])
 
     def revoke(self, *, actor: str, reason: str = "unspecified", device_id: str | None = None,
                serial: str | None = None, group: str | None = None) -> RevocationResult:
@@ -156,18 +179,38 @@ class RevocationService:
                 group=group, detail={"reason": flag.value, "serials": result.serials[:50],
                                      "devices": len(result.devices), "target": {
                                          "device": device_id, "serial": serial, "group": group}})
-        result.crl_number = self.republish_crl()
+        # The CRLs of the CAs that issued what was just revoked (the active CA's if none).
+        issuers = sorted({c.issuer for c in live}) or [self.default_issuer]
+        result.crl_numbers = self.republish_crls(issuers)
+        result.crl_number = (None if None in result.crl_numbers.values()
+                             else max(result.crl_numbers.values(), default=None))
         return result
 
+    def republish_crls(self, issuers: list[str] | None = None) -> dict[str, int | None]:
+        """After a commit, the CRL of each CA in issuers (default: every live CA): its
+        new number, or None where that failed. A failure loses nothing: the relay
+        rebuilds stale CRLs, the last good one stays published meanwhile."""
+        numbers: dict[str, int | None] = {}
+        for issuer in issuers if issuers is not None else list(self.crls):
+            publisher = self.crls.get(issuer)
+            if publisher is None:  # a CA this process does not know yet: the relay does
+                log.warning("no CRL publisher for issuing CA %r here; the relay rebuilds "
+                            "its CRL", issuer)
+                numbers[issuer] = None
+                continue
+            try:
+                with self.repository.transaction():
+                    numbers[issuer] = publisher.publish().crl_number
+            except EnrollError as error:  # HSM or database unavailable
+                log.warning("CRL rebuild of %s failed, the previous CRL stays published: "
+                            "%s", issuer, error.detail)
+                numbers[issuer] = None
+        return numbers
+
     def republish_crl(self) -> int | None:
-        """After a commit: a failure here loses nothing (the relay rebuilds stale CRLs)."""
-        try:
-            with self.repository.transaction():
-                return self.crl.publish().crl_number
-        except EnrollError as error:  # HSM or database unavailable
-            log.warning("CRL rebuild failed, the previous CRL stays published: %s",
-                        error.detail)
-            return None
+        """Every live CA's CRL; the active CA's new number (None if any failed)."""
+        numbers = self.republish_crls()
+        return None if None in numbers.values() else numbers[self.default_issuer]
 
     def _targets(self, device_id: str | None, serial: str | None, group: str | None,
                  now: dt.datetime) -> tuple[list[Device], list[Certificate]]:

@@ -6,7 +6,6 @@ Nothing below this module reads the environment or configuration files.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +14,9 @@ from cryptography import x509
 from cryptography.x509 import ocsp
 
 from .attested import AttestationService
+from .authorities import Authorities, seed_first_ca
 from .ca import delegated
-from .ca.ocsp import OcspResponder
+from .ca.ocsp import OcspDispatcher, OcspResponder
 from .ca.signer import Signer
 from .config import Settings
 from .enrollment import EnrollmentService
@@ -33,53 +33,41 @@ class Services:
     settings: Settings
     database: pw.Database
     repository: Repository
-    signer: Signer
+    signer: Signer  # the active issuing CA: it signs device certificates
+    authorities: Authorities  # every live CA generation (the active one and retired ones)
     enrollment: EnrollmentService
     attestation: AttestationService
     rate_limiter: RateLimiter
-    crl: CrlPublisher
+    crls: dict[str, CrlPublisher]  # per CA generation name
     revocation: RevocationService
-    ocsp: OcspResponder
+    ocsp: OcspDispatcher
 
-
-def read_secret(path: os.PathLike[str]) -> str:
-    with open(path) as handle:
-        return handle.read().strip()
-
-
-def load_ca_key(settings: Settings):  # -> cryptography private key (file or PKCS#11)
-    """The issuing CA key. PKCS#11 never falls back to a file key, whatever happens."""
-    ca = settings.ca
-    if ca.backend == "file":
-        from .ca.keys import load_file_private_key
-
-        passphrase = (read_secret(ca.key_passphrase_file).encode()
-                      if ca.key_passphrase_file else None)
-        return load_file_private_key(ca.key_file, passphrase)
-    from .ca.keys import Pkcs11PrivateKey
-
-    if ca.pkcs11.softhsm_conf is not None:
-        # SoftHSM reads its configuration once, when the module is initialised.
-        os.environ["SOFTHSM2_CONF"] = str(ca.pkcs11.softhsm_conf)
-    return Pkcs11PrivateKey(ca.pkcs11.module, ca.pkcs11.token_label, ca.pkcs11.key_label,
-                            read_secret(ca.pkcs11.pin_file),
-                            reconnect_backoff=ca.pkcs11.reconnect_backoff_seconds)
-
-
-def load_signer(settings: Settings) -> Signer:
-    ca_certificate = x509.load_pem_x509_certificate(settings.ca.certificate.read_bytes())
-    chain: tuple[x509.Certificate, ...] = ()
-    if settings.ca.root_certificate.exists():
-        chain = tuple(x509.load_pem_x509_certificates(
-            settings.ca.root_certificate.read_bytes()))
-    return Signer(ca_certificate, load_ca_key(settings), chain)
+    @property
+    def crl(self) -> CrlPublisher:
+        """The active CA's CRL publisher."""
+        return self.crls[self.signer.name]
 
 
 def open_store(settings: Settings) -> tuple[pw.Database, Repository]:
+    """The database, migrated, with the first issuing CA recorded (authorities.py)."""
     database = open_database(settings.database.url, settings.instance_dir)
     with database.connection_context():
         migrate(database)
-    return database, Repository(database)
+    repository = Repository(database)
+    seed_first_ca(settings, repository)
+    return database, repository
+
+
+def load_authorities(settings: Settings, repository: Repository | None = None) -> Authorities:
+    """Every live CA generation, from the database (opened here if not given)."""
+    if repository is None:
+        repository = open_store(settings)[1]
+    return Authorities(settings, repository)
+
+
+def load_signer(settings: Settings) -> Signer:
+    """The active issuing CA (the one that signs device certificates)."""
+    return load_authorities(settings).active
 
 
 def delegates_dir(settings: Settings) -> Path:
@@ -88,18 +76,21 @@ def delegates_dir(settings: Settings) -> Path:
 
 
 def notice_issuer(settings: Settings, signer: Signer) -> NoticeIssuer:
+    """Signs notices with the notice signer certified by ``signer`` (the active CA)."""
     return NoticeIssuer(settings.notices, delegated.notice_signer(delegates_dir(settings),
                                                                   signer),
                         settings.mqtt.topic_prefix)
 
 
-def certificate_status(serial: int) -> tuple[ocsp.OCSPCertStatus, dt.datetime | None,
-                                             x509.ReasonFlags | None]:
-    """RFC 6960 2.2 status of one of our serials, straight from the database."""
+def certificate_status(serial: int, issuer: str | None = None
+                       ) -> tuple[ocsp.OCSPCertStatus, dt.datetime | None,
+                                  x509.ReasonFlags | None]:  # fmt: skip
+    """RFC 6960 2.2 status of one of our serials, straight from the database. With
+    issuer, a serial another CA generation issued is "unknown" to this one."""
     row = (Certificate.select(Certificate.status, Certificate.revoked_at,
-                              Certificate.revocation_reason)
+                              Certificate.revocation_reason, Certificate.issuer)
            .where(Certificate.serial == str(serial)).first())
-    if row is None:
+    if row is None or (issuer is not None and row.issuer != issuer):
         return ocsp.OCSPCertStatus.UNKNOWN, None, None
     if row.status == "revoked":
         return (ocsp.OCSPCertStatus.REVOKED, row.revoked_at.replace(tzinfo=dt.UTC),
@@ -107,32 +98,52 @@ def certificate_status(serial: int) -> tuple[ocsp.OCSPCertStatus, dt.datetime | 
     return ocsp.OCSPCertStatus.GOOD, None, None
 
 
+def crl_publishers(settings: Settings, authorities: Authorities,
+                   clock) -> dict[str, CrlPublisher]:  # noqa: ANN001
+    return {signer.name: CrlPublisher(settings.revocation, signer, clock)
+            for signer in authorities.live()}
+
+
 def build_revocation(settings: Settings, repository: Repository) -> RevocationService:
     """For processes that only revoke (the CLI): no OCSP responder, no Flask."""
-    signer = load_signer(settings)
+    authorities = load_authorities(settings, repository)
     clock = lambda: dt.datetime.now(dt.UTC)  # noqa: E731
-    return RevocationService(repository, notice_issuer(settings, signer),
-                             CrlPublisher(settings.revocation, signer, clock), clock)
+    return RevocationService(repository, notice_issuer(settings, authorities.active),
+                             crl_publishers(settings, authorities, clock), clock)
+
+
+def ocsp_dispatcher(settings: Settings, repository: Repository, authorities: Authorities,
+                    clock) -> OcspDispatcher:  # noqa: ANN001
+    """An OCSP responder per live CA generation, each with its own delegated responder
+    certificate, behind one dispatcher (the /ocsp endpoint)."""
+    directory = delegates_dir(settings)
+    responders = {}
+    for signer in authorities.live():
+        delegate = delegated.ocsp_responder(directory, signer,
+                                            settings.revocation.responder_lifetime_days)
+        responders[signer.name] = OcspResponder(
+            signer.ca_certificate, delegate.certificate, delegate.key,
+            lambda serial, name=signer.name: repository.read(
+                lambda: certificate_status(serial, name)),
+            validity=dt.timedelta(minutes=settings.revocation.ocsp_validity_minutes),
+            clock=clock)
+    return OcspDispatcher(responders, fallback=authorities.active.name)
 
 
 def build_services(settings: Settings) -> Services:
     database, repository = open_store(settings)
-    signer = load_signer(settings)
+    authorities = load_authorities(settings, repository)
+    signer = authorities.active
     clock = lambda: dt.datetime.now(dt.UTC)  # noqa: E731
     enrollment = EnrollmentService(settings, repository, signer, clock)
-    crl = CrlPublisher(settings.revocation, signer, clock)
-    responder = delegated.ocsp_responder(delegates_dir(settings), signer,
-                                         settings.revocation.responder_lifetime_days)
+    crls = crl_publishers(settings, authorities, clock)
     return Services(
         settings=settings, database=database, repository=repository, signer=signer,
-        enrollment=enrollment,
+        authorities=authorities, enrollment=enrollment,
         attestation=AttestationService(settings, repository, enrollment),
         rate_limiter=RateLimiter(settings.server.rate_limit_per_second,
                                  settings.server.rate_limit_burst),
-        crl=crl,
-        revocation=RevocationService(repository, notice_issuer(settings, signer), crl, clock),
-        ocsp=OcspResponder(signer.ca_certificate, responder.certificate, responder.key,
-                           lambda serial: repository.read(lambda: certificate_status(serial)),
-                           validity=dt.timedelta(
-                               minutes=settings.revocation.ocsp_validity_minutes),
-                           clock=clock))
+        crls=crls,
+        revocation=RevocationService(repository, notice_issuer(settings, signer), crls,
+                                     clock),
+        ocsp=ocsp_dispatcher(settings, repository, authorities, clock))

@@ -35,6 +35,7 @@ from enroll_server.ca.keys import (
     generate_pkcs11_ec_key,
     init_softhsm_token,
     load_file_private_key,
+    login_count,
     write_file_private_key,
 )
 from enroll_server.errors import SignerUnavailable
@@ -280,6 +281,52 @@ def test_key_replaced_under_the_same_label_is_refused(token: HsmToken) -> None:
     with pytest.raises(SignerUnavailable, match="different key"):
         key.sign(b"after", ec.ECDSA(hashes.SHA256()))
     assert key.public_key() == public != replacement
+
+
+def test_two_keys_of_one_token_share_one_login_and_recover_together(token: HsmToken,
+                                                                   tmp_path: Path) -> None:
+    """CA generations (issuing-ca, issuing-ca-2) live in one token and one process signs
+    with both: one C_Login for the token, a key generated meanwhile needs none, a
+    failure of one key's session reconnects both, and neither falls back to the other."""
+    first_public = generate_pkcs11_ec_key(MODULE, token.label, "issuing-ca", PIN)
+    first = Pkcs11PrivateKey(MODULE, token.label, "issuing-ca", PIN, reconnect_backoff=0.1)
+    _verify(first_public, first.sign(b"one", ec.ECDSA(hashes.SHA256())), b"one")
+    logins = login_count()
+
+    # A rotation: the new key is generated while the first one is logged in.
+    second_public = generate_pkcs11_ec_key(MODULE, token.label, "issuing-ca-2", PIN)
+    second = Pkcs11PrivateKey(MODULE, token.label, "issuing-ca-2", PIN, reconnect_backoff=0.1)
+    for _ in range(3):
+        _verify(second_public, second.sign(b"two", ec.ECDSA(hashes.SHA256())), b"two")
+        _verify(first_public, first.sign(b"one", ec.ECDSA(hashes.SHA256())), b"one")
+    assert second_public != first_public
+    assert login_count() == logins  # no second C_Login (it would fail: already logged in)
+    assert first.health() and second.health()
+
+    # Another key object for the same label, and one with a wrong PIN: the wrong PIN is
+    # refused although the token is logged in, and the others are untouched by it.
+    assert Pkcs11PrivateKey(MODULE, token.label, "issuing-ca", PIN).public_key() == first_public
+    with pytest.raises(SignerUnavailable, match="PinIncorrect"):
+        Pkcs11PrivateKey(MODULE, token.label, "issuing-ca-2", "wrong-pin").sign(
+            b"x", ec.ECDSA(hashes.SHA256()))
+    with pytest.raises(SignerUnavailable, match="NoSuchKey"):
+        Pkcs11PrivateKey(MODULE, token.label, "issuing-ca-9", PIN).public_key()
+    _verify(first_public, first.sign(b"one", ec.ECDSA(hashes.SHA256())), b"one")
+    assert login_count() == logins
+
+    # The token goes away under the shared session: whichever key notices first drops it,
+    # both fail (no fallback to the other key) and both recover through one new login.
+    shutil.move(token.directory, tmp_path / "unplugged")
+    with pytest.raises(SignerUnavailable):
+        first.sign(b"during", ec.ECDSA(hashes.SHA256()))
+    with pytest.raises(SignerUnavailable):
+        second.sign(b"during", ec.ECDSA(hashes.SHA256()))
+    shutil.move(tmp_path / "unplugged", token.directory)
+    time.sleep(0.15)
+    _verify(second_public, second.sign(b"after", ec.ECDSA(hashes.SHA256())), b"after")
+    _verify(first_public, first.sign(b"after", ec.ECDSA(hashes.SHA256())), b"after")
+    assert login_count() == logins + 1
+    assert first.public_key() == first_public and second.public_key() == second_public
 
 
 def _wait(pid: int, timeout: float = 20.0) -> int:

@@ -2,6 +2,10 @@
 
 Both are P-256 file keys beside the instance (``ca/ocsp-responder.*``,
 ``ca/notice-signer.*``, mode 0600) with short-lived certificates issued by the issuing CA.
+Every CA generation has its own OCSP responder (the first CA's is ``ocsp-responder``,
+generation ``issuing-ca-2``'s is ``ocsp-responder-issuing-ca-2`` ...): RFC 6960 4.2.2.2
+wants the responder certified by the CA whose certificates it answers for. There is one
+notice signer, certified by the active CA (devices verify it up to the root).
 They are not in the PKCS#11 token on purpose: a token allows one login per process
 (ca/keys.py), they sign thousands of times per second (OCSP), and their compromise is
 bounded by their short lifetime, their single purpose (an EKU each) and rotation. The
@@ -82,15 +86,23 @@ def ensure_delegate(directory: Path, name: str, signer: Signer, issue: Issue,
     return Delegate(key, certificate, (certificate, *signer.ca_certificates()))
 
 
+def responder_name(ca_name: str) -> str:
+    """The file stem of CA ca_name's OCSP responder key and certificate."""
+    return "ocsp-responder" if ca_name == "issuing-ca" else f"ocsp-responder-{ca_name}"
+
+
 def ocsp_responder(directory: Path, signer: Signer, lifetime_days: int,
                    now: dt.datetime | None = None) -> Delegate:
-    return ensure_delegate(directory, "ocsp-responder", signer,
+    """The delegated OCSP responder of the CA generation ``signer`` (retired ones too)."""
+    return ensure_delegate(directory, responder_name(signer.name), signer,
                            issue_ocsp_responder_certificate,
                            dt.timedelta(days=lifetime_days), now)
 
 
 def notice_signer(directory: Path, signer: Signer, now: dt.datetime | None = None,
                   lifetime: dt.timedelta = dt.timedelta(days=90)) -> Delegate:
+    """The notice signer, certified by ``signer``: pass the active CA (a certificate from
+    a retired one is replaced on the next call with the active one)."""
     from ..notify.notices import issue_notice_signing_certificate
 
     return ensure_delegate(directory, "notice-signer", signer,

@@ -1,9 +1,11 @@
 """Certificates of the CA hierarchy itself: root, issuing CA, TLS server (RFC 5280 4.2).
 
     root CA (EC P-384, file key, encrypted; meant to be kept offline)
-      `- issuing CA (EC P-256, key in the PKCS#11 token or a file), pathLen 0
-           |- device certificates (profiles.py)
-           `- the EST listener's TLS server certificate
+      |- issuing CA 1 (EC P-256, key in the PKCS#11 token or a file), pathLen 0
+      |    |- device certificates (profiles.py)
+      |    `- the EST listener's TLS server certificate
+      `- issuing CA 2, 3 ... (`enroll-server ca rotate`, same token): new device
+           certificates; the older generations only sign CRLs and OCSP responders
 """
 
 from __future__ import annotations
@@ -48,12 +50,18 @@ def make_root_ca(key: ec.EllipticCurvePrivateKey, organization: str,
 
 def make_issuing_ca(issuing_public_key: ec.EllipticCurvePublicKey,
                     root_certificate: x509.Certificate, root_key: ec.EllipticCurvePrivateKey,
-                    organization: str, years: int = 10) -> x509.Certificate:
+                    organization: str, years: int = 10, generation: int = 1
+                    ) -> x509.Certificate:
+    """Issuing CA number ``generation``: every generation has its own subject name
+    ("<organization> Issuing CA <n>"), so CRLs, OCSP CertIDs and chains never confuse
+    the generations (RFC 5280 5.1.2.3, RFC 6960 4.1.1)."""
     now = dt.datetime.now(dt.UTC)
     not_after = min(now + dt.timedelta(days=365 * years), root_certificate.not_valid_after_utc)
+    if not_after <= now:
+        raise ValueError("the root CA is expired")
     root_ski = root_certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     return (x509.CertificateBuilder()
-            .subject_name(_name(f"{organization} Issuing CA 1", organization))
+            .subject_name(_name(f"{organization} Issuing CA {generation}", organization))
             .issuer_name(root_certificate.subject).public_key(issuing_public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(not_after)

@@ -5,11 +5,17 @@ Checked with python-pkcs11 0.10.1 + SoftHSM 2.6.1 (pinned in tests/test_ca_keys.
 SOFTHSM2_CONF and scans its tokens only in C_Initialize; it does not detect fork(); and
 the pair is not thread safe. After any C_Finalize + C_Initialize, old session and object
 handles are invalid and may be reused for other objects: they are forgotten, never used.
+
+Login state belongs to the application and the token, not to a session (PKCS#11 v2.40
+5.6): a second C_Login on the same token fails with CKR_USER_ALREADY_LOGGED_IN and any
+C_Logout logs every session out. So every key of one token (e.g. the CA generations
+issuing-ca, issuing-ca-2 ...) shares one logged-in session per process (_TokenSession).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import math
 import os
 import shutil
@@ -31,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
-from pkcs11.exceptions import PKCS11Error
+from pkcs11.exceptions import MultipleObjectsReturned, NoSuchKey, PKCS11Error
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from ..errors import SignerUnavailable
@@ -61,6 +67,86 @@ class _Module:
 
 
 _modules: dict[str, _Module] = {}
+
+
+@dataclass(eq=False)
+class _TokenSession:
+    """The one logged-in session of a token in this process, shared by all its keys.
+
+    Valid while the module's generation and pid are those it was opened under. A PKCS#11
+    failure of any key drops it (_drop_token_session); every key then reconnects through
+    a fresh one. Keys compare it by identity to learn that their object handles died.
+    """
+
+    session: Any  # pkcs11.Session, logged in as CKU_USER
+    pin_sha256: bytes  # the PIN it was logged in with: a key with another PIN is refused
+    generation: int
+    pid: int
+
+
+_token_sessions: dict[tuple[str, str], _TokenSession] = {}
+_logins = 0  # C_Login calls made by this process (tests, metrics)
+
+
+def login_count() -> int:
+    """How many times this process logged in to a token (C_Login)."""
+    return _logins
+
+
+def _pin_sha256(pin: str) -> bytes:
+    return hashlib.sha256(pin.encode()).digest()
+
+
+def _live_token_session(module: _Module, key: tuple[str, str]) -> _TokenSession | None:
+    shared = _token_sessions.get(key)
+    if shared is not None and shared.pid == os.getpid() \
+            and shared.generation == module.generation:
+        return shared
+    _token_sessions.pop(key, None)  # stale handles are forgotten, never closed
+    return None
+
+
+def _token_session(module_path: str, token_label: str, pin: str) -> _TokenSession:
+    """The token's shared logged-in session, opened (C_OpenSession + C_Login) if there is
+    none; the caller holds _PKCS11_LOCK."""
+    global _logins
+    module = _module(module_path)
+    key = (module_path, token_label)
+    shared = _live_token_session(module, key)
+    if shared is not None:
+        if not hmac.compare_digest(shared.pin_sha256, _pin_sha256(pin)):
+            raise _KeyUnusable("PinIncorrect: the token is logged in with another PIN "
+                               "in this process")
+        return shared
+    token = _find_token(module, token_label)
+    _logins += 1
+    try:
+        session = token.open(user_pin=pin)
+    except PKCS11Error:
+        # python-pkcs11 leaves the session open when C_Login fails; C_Finalize is the
+        # only way to close it, and real HSMs have few sessions to leak.
+        _reinitialize(module)
+        raise
+    shared = _TokenSession(session, _pin_sha256(pin), module.generation, os.getpid())
+    _token_sessions[key] = shared
+    return shared
+
+
+def _drop_token_session(module_path: str, token_label: str,
+                        shared: _TokenSession | None) -> None:
+    """Close the shared session (C_Logout + C_CloseSession) if it is still the live one;
+    every key of the token reconnects at its next use. Caller holds _PKCS11_LOCK."""
+    key = (module_path, token_label)
+    if shared is None or _token_sessions.get(key) is not shared:
+        return
+    del _token_sessions[key]
+    module = _modules.get(module_path)
+    if module is not None and module.pid == os.getpid() \
+            and module.generation == shared.generation:
+        try:
+            shared.session.close()
+        except PKCS11Error:
+            pass
 
 
 def _module(path: str) -> _Module:
@@ -164,9 +250,20 @@ def generate_pkcs11_ec_key(module: Path, token_label: str, key_label: str, pin: 
     """Generate a token-resident, sensitive, non-extractable EC key pair (C_GenerateKeyPair
     with CKM_EC_KEY_PAIR_GEN, PKCS#11 v2.40 Current Mechanisms 2.3.5); both halves carry
     key_label. Raises ValueError if any object already has that label."""
+    module_path = os.path.realpath(module)
     with _PKCS11_LOCK:
-        token = _find_token(_module(os.path.realpath(module)), token_label)
-        with token.open(rw=True, user_pin=pin) as session:
+        loaded = _module(module_path)
+        shared = _live_token_session(loaded, (module_path, token_label))
+        if shared is not None:
+            # Another key of this token is logged in here: a second C_Login would fail
+            # and closing a logged-in session would log that key out. A new R/W session
+            # is already in the user state (v2.40 5.6); closing it does no C_Logout.
+            if not hmac.compare_digest(shared.pin_sha256, _pin_sha256(pin)):
+                raise ValueError("the token is logged in with another PIN in this process")
+            opened = shared.session.token.open(rw=True)
+        else:
+            opened = _find_token(loaded, token_label).open(rw=True, user_pin=pin)
+        with opened as session:
             if list(session.get_objects({Attribute.LABEL: key_label})):
                 raise ValueError(f"token {token_label!r} already holds an object "
                                  f"labelled {key_label!r}")
@@ -185,12 +282,13 @@ def generate_pkcs11_ec_key(module: Path, token_label: str, key_label: str, pin: 
 class Pkcs11PrivateKey(ec.EllipticCurvePrivateKey):
     """An EC CA key inside a PKCS#11 token, signing for cryptography's builders.
 
-    One logged-in session per key object, opened lazily and kept open. Any PKCS#11
-    failure drops it and raises SignerUnavailable; the next attempt to reconnect waits
-    reconnect_backoff seconds. There is never a software fallback.
-
-    Login state is per application and token (PKCS#11 v2.40 5.6), so keep one key
-    object per token per process: a second C_Login fails, and C_Logout logs out both.
+    The key uses its token's shared logged-in session (one per token per process, see
+    the module doc), opened lazily and kept open; any number of key objects, for the
+    same or different labels, may use one token. A PKCS#11 failure drops the shared
+    session (every key of the token reconnects) and raises SignerUnavailable; a key's
+    next attempt to reconnect waits reconnect_backoff seconds. A problem of this key
+    alone (no such label, a different key under it, another PIN) drops only this key's
+    handles. There is never a software fallback.
     """
 
     def __init__(self, module: Path, token_label: str, key_label: str, pin: str,
@@ -200,9 +298,8 @@ class Pkcs11PrivateKey(ec.EllipticCurvePrivateKey):
         self._key_label = key_label
         self._pin = pin
         self._backoff = reconnect_backoff
-        self._session: Any = None
+        self._shared: _TokenSession | None = None
         self._private: Any = None
-        self._generation = -1
         self._public: ec.EllipticCurvePublicKey | None = None
         self._retry_at = 0.0
         self.connect_attempts = 0  # times the module was asked for a session (metrics)
@@ -215,34 +312,33 @@ class Pkcs11PrivateKey(ec.EllipticCurvePrivateKey):
     # -- session handling (caller holds _PKCS11_LOCK) --------------------------------
 
     def _session_is_live(self) -> bool:
+        shared = self._shared
+        if shared is None or _token_sessions.get(
+                (self._module_path, self._token_label)) is not shared:
+            return False
         module = _modules.get(self._module_path)
-        return (self._session is not None and module is not None
-                and module.pid == os.getpid() and module.generation == self._generation)
+        return (module is not None and module.pid == os.getpid()
+                and module.generation == shared.generation)
 
-    def _drop_session(self) -> None:
-        if self._session_is_live():
-            try:
-                self._session.close()  # C_Logout + C_CloseSession
-            except PKCS11Error:
-                pass
-        self._session = self._private = None  # stale handles are forgotten, not closed
+    def _drop_session(self, shared: bool = True) -> None:
+        """Forget this key's handles; with shared, also close the token's session."""
+        if shared:
+            _drop_token_session(self._module_path, self._token_label, self._shared)
+        self._shared = self._private = None  # stale handles are forgotten, not closed
 
     def _connect(self) -> Any:
-        """C_OpenSession + C_Login + C_FindObjects, then a sign/verify self-test."""
+        """The token's session (C_OpenSession + C_Login if there is none yet), then
+        C_FindObjects for this key and a sign/verify self-test."""
         self.connect_attempts += 1
-        module = _module(self._module_path)
-        token = _find_token(module, self._token_label)
+        self._shared = _token_session(self._module_path, self._token_label, self._pin)
+        session = self._shared.session
         try:
-            session = token.open(user_pin=self._pin)
-        except PKCS11Error:
-            # python-pkcs11 leaves the session open when C_Login fails; C_Finalize is the
-            # only way to close it, and real HSMs have few sessions to leak.
-            _reinitialize(module)
-            raise
-        self._session, self._generation = session, module.generation
-        private = session.get_key(ObjectClass.PRIVATE_KEY, KeyType.EC, label=self._key_label)
-        public_object = session.get_key(ObjectClass.PUBLIC_KEY, KeyType.EC,
-                                        label=self._key_label)
+            private = session.get_key(ObjectClass.PRIVATE_KEY, KeyType.EC,
+                                      label=self._key_label)
+            public_object = session.get_key(ObjectClass.PUBLIC_KEY, KeyType.EC,
+                                            label=self._key_label)
+        except (NoSuchKey, MultipleObjectsReturned) as exc:
+            raise _KeyUnusable(f"{type(exc).__name__} {exc}") from exc
         try:
             curve = _curve_from_params(private[Attribute.EC_PARAMS])
             public = _public_key_from_point(public_object[Attribute.EC_POINT], curve)
@@ -267,7 +363,7 @@ class Pkcs11PrivateKey(ec.EllipticCurvePrivateKey):
             return self._private
         if time.monotonic() < self._retry_at:
             raise self._unavailable(f"PKCS#11 reconnect backoff; last error: {self.last_error}")
-        self._drop_session()
+        self._drop_session(shared=False)  # the token's session may serve other keys
         return self._call(self._connect, "connect")
 
     def _call(self, operation: Callable[[], _T], what: str) -> _T:
@@ -275,7 +371,9 @@ class Pkcs11PrivateKey(ec.EllipticCurvePrivateKey):
         try:
             result = operation()
         except (PKCS11Error, _KeyUnusable) as exc:
-            self._drop_session()
+            # A token or session failure concerns every key of the token; a problem of
+            # this key's objects or PIN only this key.
+            self._drop_session(shared=not isinstance(exc, _KeyUnusable))
             self._retry_at = time.monotonic() + self._backoff
             # PKCS11Error texts name CKR codes and labels; the PIN is never in them.
             self.last_error = (f"{what} on token {self._token_label!r} key "

@@ -1,5 +1,6 @@
-"""OCSP (RFC 6960) for the issuing CA: the delegated responder certificate, request
-parsing, and a responder that caches signed answers.
+"""OCSP (RFC 6960) for the issuing CAs: the delegated responder certificate, request
+parsing, a responder per CA that caches signed answers, and a dispatcher that picks the
+responder of the CA a request names (CA generations: ``enroll-server ca rotate``).
 
 Pure: no I/O, no framework, no database. The HTTP layer hands OcspResponder.respond the
 request DER (RFC 6960 A.1) and returns the bytes as application/ocsp-response; the
@@ -253,7 +254,15 @@ class OcspResponder:
             return malformed_request_response()
         if len(cert_ids) != 1:
             return malformed_request_response()  # one certificate per request (module doc)
-        cert_id = cert_ids[0]
+        return self.answer(cert_ids[0], nonce)
+
+    def knows(self, cert_id: OcspCertId) -> bool:
+        """Whether cert_id names this responder's CA (issuer name and key hashes)."""
+        return (cert_id.issuer_name_hash, cert_id.issuer_key_hash) == \
+            self._issuer_hashes[cert_id.hash_algorithm.name]
+
+    def answer(self, cert_id: OcspCertId, nonce: bytes | None) -> bytes:
+        """The signed answer about one parsed CertID (respond() without the parsing)."""
         now = self._clock()
         try:
             if now >= self._responder_certificate.not_valid_after_utc:
@@ -274,8 +283,7 @@ class OcspResponder:
                 self._cache.pop(key, None)
 
     def _status(self, cert_id: OcspCertId) -> SerialStatus:
-        ours = self._issuer_hashes[cert_id.hash_algorithm.name]
-        if (cert_id.issuer_name_hash, cert_id.issuer_key_hash) != ours:
+        if not self.knows(cert_id):
             # RFC 6960 2.2: "unknown" when the responder does not know the issuer.
             return SerialStatus(ocsp.OCSPCertStatus.UNKNOWN)
         status = SerialStatus(*self._lookup(cert_id.serial))
@@ -343,6 +351,46 @@ class OcspResponder:
         with self._lock:
             self.signed_responses += 1
         return response.public_bytes(serialization.Encoding.DER)
+
+
+class OcspDispatcher:
+    """One OCSP endpoint for several issuing CAs (CA generations): each request goes to
+    the responder whose CA its CertID names (issuer name and key hashes, RFC 6960
+    4.1.1), so a certificate of a retired CA is answered by that CA's own delegated
+    responder. A CertID naming none of them is answered "unknown" by the fallback (the
+    active CA's responder), as a single responder would (RFC 6960 2.2)."""
+
+    def __init__(self, responders: dict[str, OcspResponder], fallback: str) -> None:
+        if fallback not in responders:
+            raise ValueError("the fallback responder must be one of the responders")
+        self.responders = dict(responders)
+        self._fallback = responders[fallback]
+
+    def respond(self, request_der: bytes) -> bytes:
+        """A DER OCSPResponse for request_der; never raises for a bad request."""
+        try:
+            cert_ids, nonce = _decode(request_der)
+        except OcspRequestError:
+            return malformed_request_response()
+        if len(cert_ids) != 1:
+            return malformed_request_response()  # one certificate per request (module doc)
+        return self.responder_for(cert_ids[0]).answer(cert_ids[0], nonce)
+
+    def responder_for(self, cert_id: OcspCertId) -> OcspResponder:
+        for responder in self.responders.values():
+            if responder.knows(cert_id):
+                return responder
+        return self._fallback
+
+    def invalidate(self, serial: int) -> None:
+        for responder in self.responders.values():
+            responder.invalidate(serial)
+
+    @property
+    def last_error(self) -> str | None:
+        errors = [f"{name}: {r.last_error}" for name, r in self.responders.items()
+                  if r.last_error]
+        return "; ".join(errors) or None
 
 
 def _check_delegated_responder(responder: x509.Certificate, issuer: x509.Certificate) -> None:

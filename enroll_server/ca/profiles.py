@@ -112,8 +112,18 @@ class CertProfile:
         ]
 
 
-def revocation_urls(public_url: str) -> dict[str, str]:
-    """CRL, OCSP and CA-issuer URLs under the server's public base URL."""
+# Names of issuing CA generations ("issuing-ca", "issuing-ca-2", ...): a URL path
+# segment, a PKCS#11 label and a file stem at once.
+CA_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+FIRST_CA_NAME = "issuing-ca"
+
+
+def revocation_urls(public_url: str, ca_name: str = FIRST_CA_NAME) -> dict[str, str]:
+    """CRL, OCSP and CA-issuer URLs under the server's public base URL, for the issuing
+    CA generation ca_name: /crl/<name>.crl and /ca/<name>.der name it forever (a
+    certificate carries them for life), /ocsp answers for every generation."""
+    if CA_NAME_PATTERN.fullmatch(ca_name) is None:
+        raise ValueError("CA name is not URL safe")
     base = public_url.rstrip("/")
-    return {"crl_url": f"{base}/crl/issuing-ca.crl", "ocsp_url": f"{base}/ocsp",
-            "ca_issuers_url": f"{base}/ca/issuing-ca.der"}
+    return {"crl_url": f"{base}/crl/{ca_name}.crl", "ocsp_url": f"{base}/ocsp",
+            "ca_issuers_url": f"{base}/ca/{ca_name}.der"}

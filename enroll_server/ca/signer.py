@@ -32,16 +32,27 @@ def signature_hash(key: object) -> hashes.HashAlgorithm:
     return hashes.SHA256()
 
 
+class RetiredCA(RuntimeError):
+    """A retired CA generation signs CRLs and OCSP responder certificates, never a device
+    certificate."""
+
+
 @dataclass
 class Signer:
     ca_certificate: x509.Certificate
     private_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
     # Certificates above the issuing CA, up to and including the root (for cacerts).
     chain: tuple[x509.Certificate, ...] = ()
+    # The CA generation's stable name (IssuingCa.name): its PKCS#11 key label or key
+    # file stem, and the last segment of its CRL and CA-issuer URLs.
+    name: str = "issuing-ca"
+    retired: bool = False
 
     def issue(self, public_key: object, profile: CertProfile,
               now: dt.datetime | None = None) -> x509.Certificate:
         """Build and sign a device certificate for public_key as the profile says."""
+        if self.retired:
+            raise RetiredCA(f"issuing CA {self.name!r} is retired: it signs no certificates")
         now = now or dt.datetime.now(dt.UTC)
         not_before, not_after = profile.validity(self.ca_certificate, now)
         builder = (

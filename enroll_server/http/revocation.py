@@ -1,13 +1,19 @@
 """Revocation artefacts over plain HTTP (they are signed; RFC 5280 and RFC 6960 expect HTTP).
 
-    GET  /crl/issuing-ca.crl        the newest CRL (DER, application/pkix-crl, RFC 5280 4.2.1.13)
-    GET  /ca/issuing-ca.der         the issuing CA certificate (AIA caIssuers, RFC 5280 4.2.2.1)
+    GET  /crl/<ca>.crl              the newest CRL of issuing CA <ca> (DER,
+                                    application/pkix-crl, RFC 5280 4.2.1.13)
+    GET  /ca/<ca>.der               issuing CA <ca>'s certificate (AIA caIssuers, 4.2.2.1)
     POST /ocsp                      application/ocsp-request (RFC 6960 A.1)
     GET  /ocsp/<base64 request>     the same, URL-encoded base64 in the path (A.1.1)
 
-The CRL is read from the database (at most one second old per process), so every replica
-serves the CRL built after the latest revocation. OCSP looks each serial up in the
-database on every request; only the signature is cached (ca/ocsp.py).
+<ca> is a CA generation's name: issuing-ca (the first, forever), issuing-ca-2 ... (see
+authorities.py). Certificates carry the URLs of the CA that issued them, so a retired
+CA's CRL stays where its certificates point. OCSP answers for every live CA.
+
+CRLs and CA certificates are read from the database (at most one second old per
+process), so every replica serves the CRL built after the latest revocation, and a CA
+created by a rotation is served before the server reloads. OCSP looks each serial up in
+the database on every request; only the signature is cached (ca/ocsp.py).
 """
 
 from __future__ import annotations
@@ -18,11 +24,15 @@ import threading
 import time
 import urllib.parse
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from flask import Blueprint, Response, request
 
 from ..ca.ocsp import malformed_request_response
-from ..errors import ServiceUnavailable
+from ..ca.profiles import CA_NAME_PATTERN
+from ..errors import NotFound, ServiceUnavailable
+from ..revocation import latest_crl
+from ..store.models import IssuingCa
 from .est import services
 
 blueprint = Blueprint("revocation", __name__)
@@ -30,46 +40,74 @@ OCSP_RESPONSE = "application/ocsp-response"
 _MAX_OCSP_REQUEST = 4096
 
 
-class _CrlCache:
-    """The newest published CRL, re-read from the database at most once a second."""
+class _PerCaCache:
+    """A value per CA name, re-read from the database at most once a second."""
 
-    def __init__(self) -> None:
+    def __init__(self, read) -> None:  # noqa: ANN001 - (name) -> value or None
+        self._read = read
         self._lock = threading.Lock()
-        self._checked = 0.0
-        self._value: tuple[int, bytes, str] | None = None
+        self._values: dict[str, tuple[float, object]] = {}
 
-    def get(self) -> tuple[int, bytes, str] | None:
+    def get(self, name: str):  # noqa: ANN201
         with self._lock:
-            if time.monotonic() - self._checked < 1.0 and self._value is not None:
-                return self._value
+            cached = self._values.get(name)
+            if cached is not None and time.monotonic() - cached[0] < 1.0:
+                return cached[1]
         svc = services()
-        latest = svc.repository.read(svc.crl.latest)
+        value = svc.repository.read(lambda: self._read(name))
         with self._lock:
-            self._checked = time.monotonic()
-            if latest is not None:
-                expires = latest.next_update.strftime("%a, %d %b %Y %H:%M:%S GMT")
-                self._value = (latest.crl_number, bytes(latest.der), expires)
-            return self._value
+            if value is not None or name in self._values:
+                self._values[name] = (time.monotonic(), value)
+            if value is None and cached is not None:
+                return cached[1]  # keep serving the last good value
+            return value
 
 
-_crl = _CrlCache()
+def _read_crl(name: str) -> tuple[int, bytes, str] | None:
+    latest = latest_crl(name)
+    if latest is None:
+        return None
+    expires = latest.next_update.strftime("%a, %d %b %Y %H:%M:%S GMT")
+    return latest.crl_number, bytes(latest.der), expires
 
 
-@blueprint.get("/crl/issuing-ca.crl")
-def crl() -> Response:
-    current = _crl.get()
+def _read_ca(name: str) -> bytes | None:
+    row = IssuingCa.select(IssuingCa.certificate_pem).where(IssuingCa.name == name).first()
+    if row is None:
+        return None
+    return x509.load_pem_x509_certificate(row.certificate_pem.encode()).public_bytes(
+        serialization.Encoding.DER)
+
+
+_crls = _PerCaCache(_read_crl)
+_cas = _PerCaCache(_read_ca)
+
+
+def _known_name(name: str) -> str:
+    if CA_NAME_PATTERN.fullmatch(name) is None:
+        raise NotFound("No such CA.", code="ca.unknown")
+    return name
+
+
+@blueprint.get("/crl/<name>.crl")
+def crl(name: str) -> Response:
+    current = _crls.get(_known_name(name))
     if current is None:
+        if _cas.get(name) is None:
+            raise NotFound("No such CA.", code="ca.unknown")
         raise ServiceUnavailable("No CRL has been published yet; retry shortly.",
                                  code="crl.unavailable", retry_after=5)
     number, der, expires = current
     return Response(der, content_type="application/pkix-crl",
                     headers={"Expires": expires, "Cache-Control": "max-age=60",
-                             "ETag": f'"crl-{number}"'})
+                             "ETag": f'"crl-{name}-{number}"'})
 
 
-@blueprint.get("/ca/issuing-ca.der")
-def issuing_ca() -> Response:
-    der = services().signer.ca_certificate.public_bytes(serialization.Encoding.DER)
+@blueprint.get("/ca/<name>.der")
+def issuing_ca(name: str) -> Response:
+    der = _cas.get(_known_name(name))
+    if der is None:
+        raise NotFound("No such CA.", code="ca.unknown")
     return Response(der, content_type="application/pkix-cert")
 
 

@@ -8,16 +8,22 @@
                      a broker restart), pid file (the relay SIGHUPs it after a new CRL)
     acl              each device reads only its own notice topic, writes only its status
     broker.pem/.key  the listener's certificate, issued by the issuing CA
-    crl.pem          the issuing CA's CRL; Mosquitto refuses revoked client certificates
+    ca-chain.pem     every live issuing CA generation and the root: the client trust store
+    crl.pem          the CRLs of every live issuing CA, concatenated PEM; Mosquitto refuses
+                     revoked client certificates (it checks the leaf's issuer's CRL, so a
+                     CA without a CRL here would lock its devices out)
 
-``sync_broker_crl`` (run by the relay) rewrites crl.pem whenever a newer CRL is published
-and sends SIGHUP, on which Mosquitto re-reads its certificates and CRL (FIELD-NOTES).
+``BrokerCrlSync`` (run by the relay) rewrites crl.pem whenever a newer CRL of any CA is
+published, and ca-chain.pem when the set of live CAs changes (``enroll-server ca
+rotate``), then sends SIGHUP, on which Mosquitto 2.0 re-reads its cafile and crlfile
+(checked with 2.0.11: several PEM CRLs in one crlfile are all used).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,17 +95,22 @@ class BrokerFiles:
     pid_file: Path
 
 
-def write_broker_config(directory: Path, signer: Signer, crl_der: bytes, *, bind: str,
-                        port: int, hostnames: list[str], publisher_dir: Path,
-                        topic_prefix: str = "fleet",
-                        gateways: tuple[str, ...] = ()) -> BrokerFiles:  # fmt: skip
-    """Everything Mosquitto and the relay need; keys are created once and kept."""
+def write_broker_config(directory: Path, signer: Signer, crl_der: bytes | Sequence[bytes], *,
+                        bind: str, port: int, hostnames: list[str], publisher_dir: Path,
+                        topic_prefix: str = "fleet", gateways: tuple[str, ...] = (),
+                        trusted: Sequence[x509.Certificate] | None = None
+                        ) -> BrokerFiles:  # fmt: skip
+    """Everything Mosquitto and the relay need; keys are created once and kept.
+
+    signer is the active issuing CA (it certifies the broker and the relay); trusted the
+    CA certificates clients may chain to (default: signer's CA and root); crl_der the
+    CRL of each of them (one DER, or several)."""
     directory = directory.resolve()
     (directory / "data").mkdir(parents=True, exist_ok=True, mode=0o700)
     publisher_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     chain = b"".join(c.public_bytes(serialization.Encoding.PEM)
                      for c in signer.ca_certificates())
-    _write(directory / "ca-chain.pem", chain)
+    _write(directory / "ca-chain.pem", pem_bundle(trusted or signer.ca_certificates()))
     broker_key = _key(directory / "broker.key")
     broker_cert = hierarchy.make_tls_server_certificate(
         broker_key.public_key(), signer.ca_certificate, signer.private_key, hostnames)
@@ -132,9 +143,15 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def write_crl_pem(path: Path, crl_der: bytes) -> None:
-    crl = x509.load_der_x509_crl(crl_der)
-    _write(path, crl.public_bytes(serialization.Encoding.PEM))
+def pem_bundle(certificates: Sequence[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates)
+
+
+def write_crl_pem(path: Path, crl_der: bytes | Sequence[bytes]) -> None:
+    """One CRL, or several concatenated (a crlfile for several CAs), as PEM."""
+    ders = [crl_der] if isinstance(crl_der, bytes | bytearray | memoryview) else crl_der
+    _write(path, b"".join(x509.load_der_x509_crl(bytes(der)).public_bytes(
+        serialization.Encoding.PEM) for der in ders))
 
 
 def signal_broker(pid_file: Path | None) -> bool:
@@ -150,20 +167,35 @@ def signal_broker(pid_file: Path | None) -> bool:
 
 
 class BrokerCrlSync:
-    """Keeps the broker's crlfile at the newest published CRL (run by the relay)."""
+    """Keeps the broker's crlfile at the newest CRL of every live CA, and its cafile
+    (``ca-chain.pem`` beside the crlfile, as write_broker_config lays it out) at the live
+    CAs and the root (run by the relay)."""
 
-    def __init__(self, crl_file: Path, pid_file: Path | None) -> None:
+    def __init__(self, crl_file: Path, pid_file: Path | None,
+                 ca_file: Path | None = None) -> None:
         self.crl_file = crl_file
         self.pid_file = pid_file
-        self.written_number: int | None = None
+        self.ca_file = ca_file or crl_file.with_name("ca-chain.pem")
+        self.written: tuple[tuple[str, int], ...] | None = None
 
-    def sync(self, crl_number: int, crl_der: bytes) -> bool:
-        """Write and signal when ``crl_number`` is newer than what the broker has."""
-        if self.written_number is not None and crl_number <= self.written_number:
-            return False
+    def sync(self, crls: Sequence[tuple[str, int, bytes]],
+             trusted: Sequence[x509.Certificate] | None = None) -> bool:
+        """Write the CRLs (issuer name, number, DER) if any is newer than what the broker
+        has, the cafile if trusted differs from it, and signal the broker. True if
+        anything was written."""
         if not self.crl_file.parent.exists():
             return False
-        write_crl_pem(self.crl_file, crl_der)
-        self.written_number = crl_number
-        signal_broker(self.pid_file)
-        return True
+        changed = False
+        numbers = tuple((issuer, number) for issuer, number, _ in crls)
+        if crls and numbers != self.written:
+            write_crl_pem(self.crl_file, [der for _, _, der in crls])
+            self.written = numbers
+            changed = True
+        if trusted and self.ca_file.exists():
+            bundle = pem_bundle(trusted)
+            if self.ca_file.read_bytes() != bundle:
+                _write(self.ca_file, bundle)
+                changed = True
+        if changed:
+            signal_broker(self.pid_file)
+        return changed

@@ -1,10 +1,16 @@
 """Periodic duties of the relay process, each cheap when there is nothing to do.
 
+- CA generations: re-read from the database every ``refresh_every`` seconds, so a
+  rotation (`enroll-server ca rotate`) reaches the relay without a restart: the new CA's
+  CRL is kept fresh, notices are signed by the active CA's notice signer, and a retired
+  CA's CRL is kept until its certificate expires;
 - renewal: certificates whose ``renew_at`` has come get a signed renewal-due notice
   (once), in the same transaction that marks them noticed;
-- CRL: rebuilt when stale (older than revocation.crl_refresh_hours, or older than the
-  newest revocation, e.g. when the revoking process could not rebuild it);
-- broker CRL: the broker's crlfile follows the newest published CRL (SIGHUP).
+- CRL: each live CA's CRL is rebuilt when stale (older than revocation.crl_refresh_hours,
+  or older than the newest revocation of that CA, e.g. when the revoking process could
+  not rebuild it);
+- broker CRL: the broker's crlfile follows the newest CRL of every live CA, its cafile
+  the live CAs (SIGHUP).
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ import logging
 import time
 from collections.abc import Callable
 
+from ..authorities import Authorities
+from ..ca.signer import Signer
+from ..config import RevocationSettings
 from ..errors import EnrollError
 from ..revocation import CrlPublisher
 from ..store.models import Certificate, Device
@@ -44,23 +53,47 @@ def schedule_renewals(repository: Repository, notices: NoticeIssuer, now: dt.dat
 class Duties:
     """Runs each duty at most every ``every`` seconds; failures are logged, not raised."""
 
-    def __init__(self, repository: Repository, notices: NoticeIssuer, crl: CrlPublisher,
+    def __init__(self, repository: Repository, authorities: Authorities,
+                 notices_for: Callable[[Signer], NoticeIssuer], settings: RevocationSettings,
                  broker: BrokerCrlSync | None, clock: Callable[[], dt.datetime],
-                 every: float = 1.0) -> None:
-        self.repository, self.notices, self.crl, self.broker = repository, notices, crl, broker
+                 every: float = 1.0, refresh_every: float = 10.0) -> None:
+        self.repository, self.authorities, self.broker = repository, authorities, broker
+        self.notices_for = notices_for
+        self.settings = settings
         self.clock = clock
         self.every = every
+        self.refresh_every = refresh_every
         self._last = 0.0
+        self._last_refresh = time.monotonic()
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """Publishers and the notice signer for the CAs ``authorities`` holds now."""
+        active = self.authorities.active
+        self.crls = {signer.name: CrlPublisher(self.settings, signer, self.clock)
+                     for signer in self.authorities.live()}
+        self.notices = self.notices_for(active)
+        self._notices_from = active.name
 
     def __call__(self) -> None:
         if time.monotonic() - self._last < self.every:
             return
         self._last = time.monotonic()
-        for duty in (self.renewals, self.refresh_crl, self.sync_broker):
+        for duty in (self.refresh_authorities, self.renewals, self.refresh_crl,
+                     self.sync_broker):
             try:
                 duty()
             except EnrollError as error:
                 log.warning("duty %s failed: %s", duty.__name__, error.detail)
+
+    def refresh_authorities(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._last_refresh < self.refresh_every:
+            return
+        self._last_refresh = time.monotonic()
+        if self.authorities.refresh():
+            self._adopt()
+            log.info("issuing CAs now %s (active %s)",
+                     ", ".join(self.crls), self.authorities.active.name)
 
     def renewals(self) -> None:
         count = schedule_renewals(self.repository, self.notices, self.clock())
@@ -68,14 +101,28 @@ class Duties:
             log.info("queued %d renewal-due notice(s)", count)
 
     def refresh_crl(self) -> None:
-        with self.repository.transaction():
-            if self.crl.is_stale():
-                number = self.crl.publish().crl_number
-                log.info("published CRL number %d", number)
+        failures = []
+        for name, publisher in self.crls.items():
+            try:
+                with self.repository.transaction():
+                    if publisher.is_stale():
+                        number = publisher.publish().crl_number
+                        log.info("published CRL number %d of %s", number, name)
+            except EnrollError as error:  # one CA's failure does not stop the others
+                failures.append(error)
+        if failures:
+            raise failures[0]
 
     def sync_broker(self) -> None:
         if self.broker is None:
             return
-        latest = self.repository.run(self.crl.latest)
-        if latest is not None and self.broker.sync(latest.crl_number, bytes(latest.der)):
-            log.info("broker CRL updated to number %d", latest.crl_number)
+        crls = []
+        for name, publisher in self.crls.items():
+            latest = self.repository.read(publisher.latest)
+            if latest is not None:
+                crls.append((name, latest.crl_number, bytes(latest.der)))
+        trusted = [signer.ca_certificate for signer in self.authorities.live()] + list(
+            self.authorities.chain)
+        if self.broker.sync(crls, trusted):
+            log.info("broker CRLs updated: %s", ", ".join(
+                f"{name} #{number}" for name, number, _ in crls))

@@ -19,6 +19,7 @@ from .models import (
     Device,
     EkAllowlistEntry,
     EnrollmentGroup,
+    IssuingCa,
     OutboxMessage,
     PublishedCrl,
     SchemaVersion,
@@ -61,11 +62,11 @@ _ADDED_COLUMNS: dict[int, dict[type[pw.Model], tuple[str, ...]]] = {
     2: {EnrollmentGroup: ("ek_roots_pem", "ek_policy", "pcr_policy"),
         Device: ("ak_name", "last_reset_count")},
     3: {Device: ("revoked_at", "revocation_reason", "notice_sequence"),
-        Certificate: ("renew_at", "renewal_noticed_at")},
+        Certificate: ("renew_at", "renewal_noticed_at", "issuer")},
 }
 _ADDED_TABLES: dict[int, list[type[pw.Model]]] = {
     2: [EkAllowlistEntry, AttestationChallenge, AttestationEvidence],
-    3: [OutboxMessage, PublishedCrl],
+    3: [OutboxMessage, PublishedCrl, IssuingCa],
 }
 
 
@@ -115,7 +116,7 @@ def _add_schema(version: int) -> Callable[[pw.Database], None]:
 MIGRATIONS: list[tuple[int, Callable[[pw.Database], None]]] = [
     (1, _create_initial_schema),
     (2, _add_schema(2)),  # TPM attestation: EK roots, allowlists, PCR policy, evidence
-    (3, _add_schema(3)),  # revocation, notices (outbox), CRLs, renewal scheduling
+    (3, _add_schema(3)),  # revocation, notices (outbox), CRLs, renewals, CA generations
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -90,6 +90,8 @@ class Certificate(BaseModel):
     # plus jitter), and when it went out.
     renew_at = pw.DateTimeField(null=True, index=True)
     renewal_noticed_at = pw.DateTimeField(null=True)
+    # CA generations (schema 3): the name of the issuing CA that signed it (IssuingCa.name).
+    issuer = pw.CharField(max_length=64, default="issuing-ca")
 
 
 class EnrollmentToken(BaseModel):
@@ -193,17 +195,40 @@ class OutboxMessage(BaseModel):
 
 
 class PublishedCrl(BaseModel):
-    """Every CRL the CA issued; the newest is served. A failed build adds no row, so the
-    last good CRL keeps being served (RFC 5280 5.2.3: numbers strictly increase)."""
+    """Every CRL each issuing CA issued; the newest per issuer is served. A failed build
+    adds no row, so the last good CRL keeps being served (RFC 5280 5.2.3: numbers
+    strictly increase, per issuer)."""
 
-    crl_number = pw.BigIntegerField(unique=True)
+    issuer = pw.CharField(max_length=64, default="issuing-ca")  # IssuingCa.name
+    crl_number = pw.BigIntegerField()
     der = pw.BlobField()
     this_update = pw.DateTimeField()
     next_update = pw.DateTimeField()
     entries = pw.IntegerField()
     created_at = pw.DateTimeField(default=utcnow)
 
+    class Meta:
+        indexes = ((("issuer", "crl_number"), True),)
+
+
+class IssuingCa(BaseModel):
+    """The issuing CA generations (schema 3). One is "active" and signs device
+    certificates; "retired" ones only sign their CRLs and OCSP responder certificates
+    until their certificate expires. Every process reads this table, so all replicas
+    and workers agree on which CA is active (config files could disagree)."""
+
+    name = pw.CharField(max_length=64, unique=True)  # PKCS#11 key label or key file stem
+    certificate_pem = pw.TextField()
+    key_backend = pw.CharField(max_length=16)  # "pkcs11" or "file" (ca.backend)
+    # pkcs11: the key label in the configured token; file: the key file (instance-relative)
+    key_label = pw.CharField(max_length=256)
+    key_passphrase_file = pw.CharField(max_length=256, null=True)  # file keys: its path
+    status = pw.CharField(max_length=16, default="active", index=True)  # or "retired"
+    not_after = pw.DateTimeField()
+    created_at = pw.DateTimeField(default=utcnow)
+    retired_at = pw.DateTimeField(null=True)
+
 
 ALL_MODELS = [SchemaVersion, EnrollmentGroup, Device, Certificate, EnrollmentToken,
               PendingRequest, AuditEvent, EkAllowlistEntry, AttestationChallenge,
-              AttestationEvidence, OutboxMessage, PublishedCrl]
+              AttestationEvidence, OutboxMessage, PublishedCrl, IssuingCa]

@@ -35,6 +35,7 @@ from .models import (
     Device,
     EnrollmentGroup,
     EnrollmentToken,
+    IssuingCa,
     PendingRequest,
     utcnow,
 )
@@ -245,9 +246,10 @@ class Repository:
                 .execute())
 
     def record_certificate(self, device: Device, certificate: x509.Certificate,
-                           issued_via: str, renew_at: dt.datetime | None = None
-                           ) -> Certificate:
-        """Store an issued certificate; call inside the enrollment transaction."""
+                           issued_via: str, renew_at: dt.datetime | None = None,
+                           issuer: str = "issuing-ca") -> Certificate:
+        """Store an issued certificate; call inside the enrollment transaction. issuer
+        names the CA generation that signed it (IssuingCa.name)."""
         der = certificate.public_bytes(serialization.Encoding.DER)
         return Certificate.create(
             serial=str(certificate.serial_number), device=device,
@@ -256,18 +258,27 @@ class Repository:
             subject=certificate.subject.rfc4514_string(),
             not_before=naive_utc(certificate.not_valid_before_utc),
             not_after=naive_utc(certificate.not_valid_after_utc),
-            der=der, issued_via=issued_via,
+            der=der, issued_via=issued_via, issuer=issuer,
             renew_at=naive_utc(renew_at) if renew_at is not None else None)
 
     # -- TPM attestation challenges ------------------------------------------------------
     def challenge(self, challenge_id: str) -> AttestationChallenge | None:
-        return self._first(AttestationChallenge.challenge_id, challenge_id[:64])
+        """The challenge with its group (joined: no second query for ``.group``)."""
+        return (AttestationChallenge.select(AttestationChallenge, EnrollmentGroup)
+                .join(EnrollmentGroup)
+                .where(AttestationChallenge.challenge_id == challenge_id[:64]).first())
 
     def consume_challenge(self, challenge: AttestationChallenge, now: dt.datetime) -> bool:
         """Mark a challenge used; False if a concurrent request used it first."""
         return bool(AttestationChallenge.update(used_at=now)
                     .where((AttestationChallenge.id == challenge.id)
                            & AttestationChallenge.used_at.is_null()).execute())
+
+    def active_ca_name(self) -> str | None:
+        """The name of the issuing CA generation that signs device certificates now (the
+        issuing path checks it in its transaction: one compiled, indexed read)."""
+        row = self._first(IssuingCa.status, "active")
+        return row.name if row is not None else None
 
     def serial_exists(self, serial: int) -> bool:
         return Certificate.select().where(Certificate.serial == str(serial)).exists()
