@@ -221,7 +221,7 @@ class Agent:
             pending = {"type": notice.type, "serial": notice.serial,
                        "sequence": notice.sequence}
             self.state.save_notice_book(NoticeBook(notice.sequence, pending))
-            self._schedule_renewal(notice.type)
+            self._schedule_renewal(notice.type, _server_slot(notice.extra))
 
     def _revoked(self, serial: int, reason: str | None, source: str,
                  sequence: int | None = None) -> None:
@@ -318,3 +318,21 @@ def run_agent(config: AgentConfig, as_json: bool) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, agent.request_stop)
     return agent.run()
+
+
+MAX_SERVER_DELAY = 7 * 24 * 3600.0  # seconds: a renew_after further out is not believed
+
+
+def _server_slot(extra: object) -> float | None:
+    """Seconds until the notice's ``renew_after`` (the server spreads a CA rotation over a
+    window so the fleet does not come back at once); None: use our own jitter."""
+    value = extra.get("renew_after") if hasattr(extra, "get") else None
+    if not isinstance(value, str):
+        return None
+    try:
+        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return min(max((when - dt.datetime.now(dt.UTC)).total_seconds(), 0.0), MAX_SERVER_DELAY)
