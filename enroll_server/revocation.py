@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -80,30 +81,51 @@ class CrlPublisher:
         self.clock = clock
 
     def publish(self) -> PublishedCrl:
-        """A complete CRL of every revoked, unexpired certificate; numbers increase."""
+        """A complete CRL of every revoked, unexpired certificate; numbers increase.
+        Runs in the caller's transaction (rotation, instance creation)."""
+        now = self.clock()
+        entries, number = self._snapshot(now)
+        return self._store(number, self._build(entries, number, now), len(entries), now)
+
+    def publish_from(self, repository: Repository) -> PublishedCrl:
+        """The same, without holding the database's write lock while signing: read in a
+        read-only transaction, build and sign outside, insert in a short write one."""
         for _attempt in range(3):
             now = self.clock()
-            entries = [RevokedEntry(int(serial), revoked_at.replace(tzinfo=dt.UTC),
-                                    REASONS.get(reason or "unspecified"))
-                       for serial, revoked_at, reason in Certificate.select(
-                           Certificate.serial, Certificate.revoked_at,
-                           Certificate.revocation_reason)
-                       .where((Certificate.status == "revoked")
-                              & (Certificate.issuer == self.issuer)
-                              & (Certificate.not_after > naive_utc(now))).tuples()]
-            number = (PublishedCrl.select(pw.fn.MAX(PublishedCrl.crl_number)).where(
-                PublishedCrl.issuer == self.issuer).scalar() or 0) + 1
-            next_update = now + dt.timedelta(hours=self.settings.crl_validity_hours)
-            der = build_crl(self.signer.private_key, self.signer.ca_certificate, entries,
-                            number, now, next_update)
+            with repository.transaction(readonly=True):
+                entries, number = self._snapshot(now)
+            der = self._build(entries, number, now)
             try:
-                return PublishedCrl.create(issuer=self.issuer, crl_number=number, der=der,
-                                           this_update=naive_utc(now),
-                                           next_update=naive_utc(next_update),
-                                           entries=len(entries), created_at=naive_utc(now))
+                with repository.transaction():
+                    return self._store(number, der, len(entries), now)
             except pw.IntegrityError:  # another process published this number meanwhile
                 continue
         raise EnrollError(code="crl.publish_conflict", detail="three CRL number collisions")
+
+    def _snapshot(self, now: dt.datetime) -> tuple[list[RevokedEntry], int]:
+        entries = [RevokedEntry(int(serial), revoked_at.replace(tzinfo=dt.UTC),
+                                REASONS.get(reason or "unspecified"))
+                   for serial, revoked_at, reason in Certificate.select(
+                       Certificate.serial, Certificate.revoked_at,
+                       Certificate.revocation_reason)
+                   .where((Certificate.status == "revoked")
+                          & (Certificate.issuer == self.issuer)
+                          & (Certificate.not_after > naive_utc(now))).tuples()]
+        number = (PublishedCrl.select(pw.fn.MAX(PublishedCrl.crl_number)).where(
+            PublishedCrl.issuer == self.issuer).scalar() or 0) + 1
+        return entries, number
+
+    def _build(self, entries: list[RevokedEntry], number: int, now: dt.datetime) -> bytes:
+        next_update = now + dt.timedelta(hours=self.settings.crl_validity_hours)
+        return build_crl(self.signer.private_key, self.signer.ca_certificate, entries,
+                         number, now, next_update)
+
+    def _store(self, number: int, der: bytes, entries: int, now: dt.datetime) -> PublishedCrl:
+        next_update = now + dt.timedelta(hours=self.settings.crl_validity_hours)
+        return PublishedCrl.create(issuer=self.issuer, crl_number=number, der=der,
+                                   this_update=naive_utc(now),
+                                   next_update=naive_utc(next_update),
+                                   entries=entries, created_at=naive_utc(now))
 
     def latest(self) -> PublishedCrl | None:
         return latest_crl(self.issuer)
@@ -135,6 +157,13 @@ class RevocationService:
         # The active CA's: published when a revocation touched no certificate at all.
         self.default_issuer = next((name for name, publisher in self.crls.items()
                                     if not publisher.signer.retired), list(self.crls)[-1])
+        self.rebuilder: CrlRebuilder | None = None
+
+    def rebuild_in_background(self) -> RevocationService:
+        """Server processes: revocations return at commit; a background thread rebuilds
+        the CRLs, once for any number of revocations that arrive while it works."""
+        self.rebuilder = CrlRebuilder(self)
+        return self
 
     def revoke(self, *, actor: str, reason: str = "unspecified", device_id: str | None = None,
                serial: str | None = None, group: str | None = None) -> RevocationResult:
@@ -169,8 +198,12 @@ class RevocationService:
                 latest = newest.get(device.id) or Certificate.select().where(
                     Certificate.device == device).order_by(Certificate.id.desc()).first()
                 if latest is not None:  # a device that never had a certificate needs none
+                    # scope: the device itself (it may not enroll again until readmitted)
+                    # or only this certificate (it may re-attest and get a new one).
+                    scope = "device" if device.id in {d.id for d in blocked} or (
+                        device.status == "revoked") else "certificate"
                     self.notices.enqueue(device, "revocation", latest.serial, now,
-                                         reason=flag.value)
+                                         reason=flag.value, extra={"scope": scope})
             result.devices = sorted(d.device_id for d in notified.values())
             result.serials = [c.serial for c in live]
             self.repository.audit(
@@ -181,6 +214,10 @@ class RevocationService:
                                          "device": device_id, "serial": serial, "group": group}})
         # The CRLs of the CAs that issued what was just revoked (the active CA's if none).
         issuers = sorted({c.issuer for c in live}) or [self.default_issuer]
+        if self.rebuilder is not None:  # a server: one rebuild serves a burst
+            self.rebuilder.request(issuers)
+            result.crl_numbers = dict.fromkeys(issuers)
+            return result
         result.crl_numbers = self.republish_crls(issuers)
         result.crl_number = (None if None in result.crl_numbers.values()
                              else max(result.crl_numbers.values(), default=None))
@@ -199,8 +236,7 @@ class RevocationService:
                 numbers[issuer] = None
                 continue
             try:
-                with self.repository.transaction():
-                    numbers[issuer] = publisher.publish().crl_number
+                numbers[issuer] = publisher.publish_from(self.repository).crl_number
             except EnrollError as error:  # HSM or database unavailable
                 log.warning("CRL rebuild of %s failed, the previous CRL stays published: "
                             "%s", issuer, error.detail)
@@ -248,3 +284,28 @@ class RevocationService:
                 raise NotFound("No revoked device with this id.", code="readmit.not_revoked")
             self.repository.audit(actor=actor, action="readmit", outcome="success",
                                   device_id=device_id)
+
+
+class CrlRebuilder:
+    """One thread per process; ``request`` marks CAs dirty and returns at once."""
+
+    def __init__(self, service: RevocationService) -> None:
+        self.service = service
+        self._dirty: set[str] = set()
+        self._wake = threading.Condition()
+        self.rebuilds = 0
+        threading.Thread(target=self._run, name="crl-rebuilder", daemon=True).start()
+
+    def request(self, issuers: list[str]) -> None:
+        with self._wake:
+            self._dirty.update(issuers)
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._dirty:
+                    self._wake.wait()
+                issuers, self._dirty = sorted(self._dirty), set()
+            self.service.republish_crls(issuers)  # logs failures; the relay retries
+            self.rebuilds += 1

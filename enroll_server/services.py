@@ -145,5 +145,5 @@ def build_services(settings: Settings) -> Services:
                                  settings.server.rate_limit_burst),
         crls=crls,
         revocation=RevocationService(repository, notice_issuer(settings, signer), crls,
-                                     clock),
+                                     clock).rebuild_in_background(),
         ocsp=ocsp_dispatcher(settings, repository, authorities, clock))

@@ -28,6 +28,7 @@ from device_sdk.attest import AttestedEnrollment
 from device_sdk.est import EstClient, EstError
 from device_sdk.tpm import TpmDevice
 
+from . import demo_fleet
 from .manufacturer import Manufacturer
 from .served import ServedInstance
 from .swtpm import SwtpmInstance
@@ -89,6 +90,7 @@ def main() -> None:
         print(instance.cli("devices", "show", device_id).stdout)
         print(instance.cli("certs", "list").stdout)
         attested_enrollment(instance)
+    demo_fleet.run()
     print(f"Done in {time.monotonic() - started:.1f} s; the instance is kept in "
           f"{DEMO_DIR}/ (serve it again with: .venv/bin/enroll-server serve --config "
           f"{instance.config})")

@@ -120,14 +120,19 @@ def test_bench_attest_help_shows_examples():
 
 def test_demo_enrolls_tpm_devices_and_refuses_an_unknown_manufacturer(tmp_path):
     result = subprocess.run([sys.executable, "-m", "simulators.demo"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120,
+                            capture_output=True, text=True, timeout=240,
                             env={**os.environ, "TMPDIR": str(tmp_path)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "issued serial" in out  # the EST part still runs first
     assert out.count("boots and enrolls with TPM attestation") == 3
-    assert out.count("enrolled in ") == 3
     assert "device 4 refused: 403 ek.untrusted" in out
+    # the fleet story: firmware hooks, agents, renewal, revocation online and offline
+    assert out.count("first boot enrolled in") == 4
+    assert "first boot REFUSED: quote.pcr_mismatch" in out
+    assert "agent renewed over EST with its TPM key" in out
+    assert "stopped with exit 10" in out and "`openssl ocsp` says revoked" in out
+    assert "(source crl) and exited 10" in out
     # Every swtpm and the server are stopped; only the kept demo instance remains.
     assert processes_mentioning(str(tmp_path)) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-instance"]

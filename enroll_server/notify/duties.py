@@ -104,10 +104,11 @@ class Duties:
         failures = []
         for name, publisher in self.crls.items():
             try:
-                with self.repository.transaction():
-                    if publisher.is_stale():
-                        number = publisher.publish().crl_number
-                        log.info("published CRL number %d of %s", number, name)
+                with self.repository.transaction(readonly=True):
+                    stale = publisher.is_stale()
+                if stale:
+                    number = publisher.publish_from(self.repository).crl_number
+                    log.info("published CRL number %d of %s", number, name)
             except EnrollError as error:  # one CA's failure does not stop the others
                 failures.append(error)
         if failures:
