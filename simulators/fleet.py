@@ -114,6 +114,27 @@ def measure_firmware(tcti_tpm: object, image: bytes) -> None:
                               TPML_DIGEST_VALUES([digest]))
 
 
+def _revoked_worker(index: int, url: str, trust_anchor: str, workdir: str) -> str:
+    """A revoked device boots again and tries a fresh attested enrollment: the code the
+    server answered (SECURITY-CHECKLIST 26: it must be refused, device.revoked)."""
+    from device_sdk.attest import AttestedEnrollment
+    from device_sdk.est import EstError
+    from device_sdk.tpm import TpmDevice
+    from simulators.swtpm import SwtpmInstance
+
+    try:
+        with SwtpmInstance(Path(workdir) / f"tpm-{index:05d}") as swtpm, \
+                TpmDevice(swtpm.tcti) as tpm, AttestedEnrollment(
+                    url, Path(trust_anchor), tpm, GROUP, timeout=60, attempts=12,
+                    backoff=0.5, max_backoff=5.0) as client:
+            client.enroll()
+    except EstError as error:
+        return error.code
+    except Exception as error:  # noqa: BLE001 - the report names it
+        return f"{type(error).__name__}: {str(error)[:80]}"
+    return "enrolled"
+
+
 def _device_worker(index: int, role: str, url: str, trust_anchor: str,
                    manufacturer_dir: str, workdir: str) -> DeviceResult:
     """One device's life, in a worker process (its own ESAPI contexts, no shared GIL)."""
@@ -358,7 +379,10 @@ def run_fleet(options: FleetOptions, progress: Progress = no_progress) -> dict[s
         revoke_started = time.monotonic()
         revoke_latency = _revoke(rig, gateway, victims, progress)
         _finish_chaos(rig, options, chaos_stop, chaos_thread)
+        readmission = _try_revoked(rig, workdir, options, victims)
         invariants = _invariants(rig, results, victims, gateway)
+        invariants["revoked_reenroll_refused"] = readmission.get("device.revoked", 0)
+        invariants["revoked_reenroll_outcomes"] = readmission
         report = _report(options, results, victims, revoke_latency, invariants, rig,
                          setup_seconds, time.monotonic() - wall_started,
                          time.monotonic() - revoke_started, gateway)
@@ -431,6 +455,20 @@ def _run_devices(rig: Rig, workdir: Path, options: FleetOptions, progress: Progr
             progress(f"devices {len(results)}/{len(roles)} (unexpected outcomes "
                      f"{unexpected})", len(results) == len(roles))
     return sorted(results, key=lambda r: r.index)
+
+
+def _try_revoked(rig: Rig, workdir: Path, options: FleetOptions,
+                 victims: list[DeviceResult]) -> dict[str, int]:
+    outcomes: dict[str, int] = {}
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(options.concurrency,
+                                                mp_context=context) as pool:
+        for code in pool.map(_revoked_worker, [v.index for v in victims],
+                             [rig.instance.url] * len(victims),
+                             [str(rig.instance.trust_anchor)] * len(victims),
+                             [str(workdir / "tpms")] * len(victims)):
+            outcomes[code] = outcomes.get(code, 0) + 1
+    return outcomes
 
 
 def _revoke(rig: Rig, gateway: Gateway, victims: list[DeviceResult],
@@ -519,6 +557,7 @@ def _report(options: FleetOptions, results: list[DeviceResult], victims: list[De
               and invariants["devices_with_two_active_certs"] == 0
               and invariants["keys_with_two_active_certs"] == 0
               and invariants["revoked_notified"] == invariants["revoked"]
+              and invariants["revoked_reenroll_refused"] == invariants["revoked"]
               and invariants["outbox_unsent"] == 0)
     return {
         "benchmark": "fleet", "machine": machine_info(),
@@ -555,6 +594,8 @@ def render(report: dict[str, Any]) -> str:
         ("revocation -> notice (ms) p50/p99",
          "{p50} / {p99}".format(**report["revocation_notice_ms"])),
         ("revoked devices notified", f"{inv['revoked_notified']}/{inv['revoked']}"),
+        ("revoked devices refused on re-enrollment",
+         f"{inv['revoked_reenroll_refused']}/{inv['revoked']}"),
         ("peak swtpm memory per device", f"{report['swtpm_peak_kib']} KiB"),
         ("chaos events", ", ".join(f"{k} x{v}" for k, v in report["chaos_events"].items()
                                    if v) or "none"),

@@ -28,6 +28,7 @@ def test_a_fleet_survives_broker_server_and_relay_chaos() -> None:
     assert report["network_drops"] >= 1  # the flaky device really lost a connection
     assert all(report["chaos_events"][kind] >= 1 for kind in ("broker", "server", "relay"))
     assert invariants["revoked"] == invariants["revoked_notified"] == 4
+    assert invariants["revoked_reenroll_refused"] == 4  # device.revoked, under chaos
     assert invariants["devices_with_two_active_certs"] == 0
     assert invariants["keys_with_two_active_certs"] == 0
     assert invariants["outbox_unsent"] == 0
