@@ -2,7 +2,8 @@
 
 Every TPM command is issued by one ``_tpm2_*`` method decorated with ``_tpm_command``,
 which names the command and its TPM 2.0 Library Part 3 section and turns any TSS error
-into ``TpmError(code, message)``. Handles (TCG Registry of Reserved TPM 2.0 Handles):
+into ``TpmError(code, message)``. The key templates are in device_sdk.tpm_templates.
+Handles (TCG Registry of Reserved TPM 2.0 Handles):
 
 - 0x81000001 SRK: ECC P-256 storage primary with the TCG Provisioning Guidance template
   (the one tpm2-openssl and ``tpm2_createprimary -G ecc`` use), created if absent.
@@ -38,12 +39,20 @@ import tpm2_pytss as tss
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
-from tpm2_pytss import ESAPI, ESYS_TR, TPM2_ALG, TPM2B_PUBLIC, TPMA_OBJECT, TSS2_Exception
+from tpm2_pytss import ESAPI, ESYS_TR, TPM2_ALG, TPM2B_PUBLIC, TSS2_Exception
 from tpm2_pytss.cryptography import tpm_ecc_private_key
 from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
 from .state import atomic_write
+from .tpm_templates import (  # the attributes: re-exported, as before the split
+    AK_ATTRIBUTES,  # noqa: F401
+    DEVICE_KEY_ATTRIBUTES,  # noqa: F401
+    SRK_ATTRIBUTES,  # noqa: F401
+    ak_template,
+    device_key_template,
+    srk_template,
+)
 
 EkKind = Literal["ecc", "rsa"]
 SRK_HANDLE = 0x81000001
@@ -96,45 +105,6 @@ def _tpm_command(command: str, section: str) -> Callable[[Callable[P, R]], Calla
         return call
 
     return decorate
-
-
-_KEY = (TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN
-        | TPMA_OBJECT.USERWITHAUTH)  # fmt: skip
-SRK_ATTRIBUTES = _KEY | TPMA_OBJECT.NODA | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT
-AK_ATTRIBUTES = _KEY | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT
-DEVICE_KEY_ATTRIBUTES = _KEY | TPMA_OBJECT.SIGN_ENCRYPT
-
-
-def _ecc_template(attributes: TPMA_OBJECT, scheme: TPM2_ALG = TPM2_ALG.NULL,
-                  aes128_cfb: bool = False) -> TPM2B_PUBLIC:
-    """A fresh ECC P-256 SHA-256 template (tpm2-pytss' own templates are shared mutables)."""
-    symmetric = tss.TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL)
-    if aes128_cfb:
-        symmetric = tss.TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.AES,
-                                            keyBits=tss.TPMU_SYM_KEY_BITS(aes=128),
-                                            mode=tss.TPMU_SYM_MODE(aes=TPM2_ALG.CFB))
-    ecc_scheme = tss.TPMT_ECC_SCHEME(scheme=scheme)
-    if scheme == TPM2_ALG.ECDSA:
-        ecc_scheme.details.ecdsa.hashAlg = TPM2_ALG.SHA256
-    return TPM2B_PUBLIC(publicArea=tss.TPMT_PUBLIC(
-        type=TPM2_ALG.ECC, nameAlg=TPM2_ALG.SHA256, objectAttributes=attributes,
-        parameters=tss.TPMU_PUBLIC_PARMS(eccDetail=tss.TPMS_ECC_PARMS(
-            symmetric=symmetric, scheme=ecc_scheme, curveID=tss.TPM2_ECC.NIST_P256,
-            kdf=tss.TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL))),
-    ))  # fmt: skip
-
-
-def srk_template() -> TPM2B_PUBLIC:
-    return _ecc_template(SRK_ATTRIBUTES, aes128_cfb=True)
-
-
-def ak_template() -> TPM2B_PUBLIC:
-    return _ecc_template(AK_ATTRIBUTES, TPM2_ALG.ECDSA)
-
-
-def device_key_template() -> TPM2B_PUBLIC:
-    """Scheme NULL: each TPM2_Sign names its scheme, so TLS and CSR signing both work."""
-    return _ecc_template(DEVICE_KEY_ATTRIBUTES)
 
 
 def _der_length(data: bytes) -> int:

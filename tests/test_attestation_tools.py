@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from enroll_server.attestation import credential, quote, tpm_structs, verify
-from tests.test_attestation_live import swtpm
+from tests.support.tpm_evidence import swtpm
 
 TOOLS_CERTIFY_EXTRA_DATA = bytes.fromhex("00ff55aa")  # hard-coded in tpm2_certify 5.4
 NONCE = bytes.fromhex("5e7e4a1d" * 8)
