@@ -27,6 +27,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import BadRequest, ServiceUnavailable
+from .profiles import DIGITAL_SIGNATURE_ONLY
 from .signer import signature_hash
 
 # CertID hash algorithms a response can echo (RFC 6960 4.1.1). SHA-1 only names the
@@ -94,10 +95,7 @@ def issue_ocsp_responder_certificate(ca_key: object, ca_certificate: x509.Certif
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before).not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=False,
-            crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(DIGITAL_SIGNATURE_ONLY, critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]),
                        critical=False)  # RFC 6960 4.2.2.2: id-kp-OCSPSigning
         .add_extension(x509.OCSPNoCheck(), critical=False)  # 4.2.2.2.1: SHOULD be non-critical

@@ -24,6 +24,13 @@ KEY_TYPES = ("ec-p256", "ec-p384", "rsa")
 MIN_RSA_BITS = 2048
 
 
+# keyUsage of every end-entity certificate that only signs (RFC 5280 4.2.1.3): TLS
+# server/client, OCSP responder, notice signer.
+DIGITAL_SIGNATURE_ONLY = x509.KeyUsage(
+    digital_signature=True, content_commitment=False, key_encipherment=False,
+    data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+    encipher_only=False, decipher_only=False)
+
 # Broker usernames of the service itself (the relay's publisher certificate): no device
 # may ever be issued one, or it would get the publisher's ACL.
 SERVICE_IDENTITY_PREFIX = "svc."

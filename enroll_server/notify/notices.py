@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from enroll_server.ca.profiles import GROUP_NAME_PATTERN, is_topic_safe
+from enroll_server.ca.profiles import DIGITAL_SIGNATURE_ONLY, GROUP_NAME_PATTERN, is_topic_safe
 from enroll_server.ca.signer import signature_hash
 
 NOTICE_TYPES = ("revocation", "renewal_due", "ca_rotation")
@@ -182,10 +182,7 @@ def issue_notice_signing_certificate(ca_key: ec.EllipticCurvePrivateKey, ca_cert
             .serial_number(x509.random_serial_number())
             .not_valid_before(not_before).not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(DIGITAL_SIGNATURE_ONLY, critical=True)
             .add_extension(x509.ExtendedKeyUsage([NOTICE_SIGNING_EKU]), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(notice_public_key),
                            critical=False)
