@@ -157,6 +157,7 @@ class AttestedEnrollment:
         request: dict[str, Any] = {"ek_public": _b64(ek_public), "ak_public": _b64(ak_public)}
         if ek_certificate is not None:
             request["ek_certificate"] = _b64(ek_certificate)
+        self.device_id = device_id_of(ek_public)  # known before the server answers
         challenge = _json_object(self._exchange("POST", "attest/challenge", json=request))
         device_id = str(challenge.get("device_id", ""))
         if not hmac.compare_digest(device_id.encode(), device_id_of(ek_public).encode()):

@@ -127,7 +127,11 @@ class TpmDevice:
     def __init__(self, tcti: str) -> None:
         self.tcti = tcti
         self._esapi: ESAPI | None = None
+        # Per session: persistent handles known to exist (their ESYS_TR) and keys already
+        # checked against their template. Real TPMs take 10-100 ms per command; a first
+        # boot asked GetCapability/ReadPublic ~28 times only to re-learn these.
         self._persistent: dict[int, ESYS_TR] = {}
+        self._checked_keys: dict[int, TPM2B_PUBLIC] = {}
         self._nv_chunk: int | None = None
 
     def __enter__(self) -> TpmDevice:
@@ -137,6 +141,7 @@ class TpmDevice:
     def __exit__(self, *exc: object) -> None:
         esapi, self._esapi = self._esapi, None
         self._persistent.clear()
+        self._checked_keys.clear()
         if esapi is not None:
             esapi.close()
 
@@ -174,6 +179,7 @@ class TpmDevice:
         if self._present(DEVICE_KEY_HANDLE):  # after TPM2_Create: a failure keeps the old key
             self._tpm2_evict_control(self._persistent_tr(DEVICE_KEY_HANDLE), DEVICE_KEY_HANDLE)
             self._persistent.pop(DEVICE_KEY_HANDLE)
+            self._checked_keys.pop(DEVICE_KEY_HANDLE, None)
         self._persist(DEVICE_KEY_HANDLE, private, public)
         return DEVICE_KEY_HANDLE, public.marshal()
 
@@ -241,6 +247,8 @@ class TpmDevice:
     # -- composed helpers ------------------------------------------------------------
 
     def _present(self, handle: int) -> bool:
+        if handle in self._persistent:  # seen (or made) persistent in this session
+            return True
         _, data = self._tpm2_get_capability(tss.TPM2_CAP.HANDLES, handle, 1)
         return any(int(h) == handle for h in data.data.handles)
 
@@ -265,9 +273,13 @@ class TpmDevice:
 
     def _persistent_key(self, handle: int, template: TPM2B_PUBLIC) -> tuple[ESYS_TR, TPM2B_PUBLIC]:
         """The key at ``handle`` if it matches ``template``; else created under the SRK."""
+        if handle in self._checked_keys:
+            return self._persistent[handle], self._checked_keys[handle]
         if not self._present(handle):
             private, public = self._tpm2_create(self._srk(), template)
-            return self._persist(handle, private, public), public
+            tr = self._persist(handle, private, public)
+            self._checked_keys[handle] = public
+            return tr, public
         tr = self._persistent_tr(handle)
         public = self._tpm2_read_public(tr)[0]
 
@@ -277,6 +289,7 @@ class TpmDevice:
 
         if shape(public.publicArea) != shape(template.publicArea):
             raise TpmStateError(0, f"persistent handle 0x{handle:08x} holds a different key")
+        self._checked_keys[handle] = public
         return tr, public
 
     def _persist(self, handle: int, private: tss.TPM2B_PRIVATE, public: TPM2B_PUBLIC) -> ESYS_TR:

@@ -207,6 +207,7 @@ def test_enroll_device_exit_status_tells_a_refusal_from_a_temporary_failure(
     answer = json.loads(refused.stdout)
     assert (answer["outcome"], answer["http_status"], answer["code"], answer["retry"]) == (
         "error", 403, "auth.method_not_allowed", False)
+    assert answer["device_id"] == ek_device_id(provisioned)  # support can find it
     unreachable = subprocess.run(
         [str(BIN / "enroll-device"), "enroll", "--server", "https://localhost:1",
          "--server-ca", str(server.trust_anchor), "--tcti", instance.tcti, "--state-dir",
