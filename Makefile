@@ -46,6 +46,7 @@ demo: install
 bench: install
 	$(BIN)/enroll-sim bench est
 	$(BIN)/enroll-sim bench attest
+	$(BIN)/enroll-sim bench revoke
 
 clean:
 	rm -rf $(VENV) demo-instance .pytest_cache
