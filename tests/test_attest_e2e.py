@@ -217,3 +217,30 @@ def test_enroll_device_exit_status_tells_a_refusal_from_a_temporary_failure(
     answer = json.loads(unreachable.stdout)
     assert (answer["code"], answer["retry"]) == ("client.retries_exhausted", True)
     assert not (tmp_path / "b" / "device.crt.pem").exists()
+
+
+def test_a_group_with_approval_holds_a_tpm_device_until_an_operator_approves(
+        server: ServedInstance, device: TpmDevice, manufacturer: Manufacturer,
+        tmp_path: Path) -> None:  # fmt: skip
+    roots = roots_file(tmp_path, manufacturer.ca_certificate_pems)
+    server.cli("group", "create", "tpm-approval", "--auth", "tpm", "--ek-roots", str(roots),
+               "--approval")
+    client = AttestClient(server, device, "tpm-approval")
+    held = client.post("enroll", client.evidence(client.challenge()))
+    assert (held.status_code, held.headers["X-Error-Code"]) == (202, "enroll.pending_approval")
+    assert int(held.headers["Retry-After"]) >= 1
+    device_id = ek_device_id_of(device)
+    pending = [p["device_id"] for p in server.cli_json("devices", "pending")]
+    assert device_id in pending
+    assert server.cli_json("devices", "list", "--group", "tpm-approval") == []  # not enrolled
+    server.cli("devices", "approve", device_id)
+    approved = client.post("enroll", client.evidence(client.challenge()))
+    assert approved.status_code == 200, approved.text
+    assert server.cli_json("devices", "show", device_id)["enrolled_by"] == "tpm"
+    client.close()
+
+
+def ek_device_id_of(device: TpmDevice) -> str:
+    from device_sdk.attest import device_id_of
+
+    return device_id_of(device.endorsement_key("ecc")[1])
