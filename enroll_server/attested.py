@@ -95,6 +95,10 @@ def ek_trust_anchors(group: EnrollmentGroup) -> list[x509.Certificate]:
         if group.ek_roots_pem.strip() else []
 
 
+def ek_crls(group: EnrollmentGroup) -> list[x509.CertificateRevocationList]:
+    return att.load_ek_crls(group.ek_crls_pem.encode()) if group.ek_crls_pem.strip() else []
+
+
 def _secret_hash(secret: bytes) -> bytes:
     return hashlib.sha256(b"tpm-enroll credential secret\0" + secret).digest()
 
@@ -145,7 +149,8 @@ class AttestationService:
             certificate = att.load_ek_certificate(request.ek_certificate)
             att.check_ek_public(request.ek_public, certificate)
             if group.ek_policy != "allowlist":
-                att.verify_ek_certificate(certificate, ek_trust_anchors(group), now=now)
+                path = att.verify_ek_certificate(certificate, ek_trust_anchors(group), now=now)
+                att.check_ek_revocation(path, ek_crls(group))
         elif group.ek_policy != "allowlist":
             raise att.MalformedEvidence("ek_certificate", "required: this enrollment group "
                                         "trusts TPMs by their manufacturer's certificate")

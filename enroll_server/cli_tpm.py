@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from . import attestation as att
 from .cli_ops import Context, _cell, devices, fail, group, json_option, operator, pass_context
@@ -149,6 +150,44 @@ def group_set_pcrs(ctx: Context, group_name: str, pcrread: Path | None, pcrs: st
                             for bank, values in policy.items())
         click.echo(f"Group {group_name!r} now requires a quote of {summary} with these "
                    "values.")
+
+
+@group.command("set-ek-crls", epilog="""\b
+Examples (CRLs your TPM manufacturers publish; refresh them as they do):
+  curl -o vendor-ek-ca.crl http://pki.example-tpm-vendor.com/ek-ca-001.crl
+  enroll-server group set-ek-crls fleet --crl vendor-ek-ca.crl --crl vendor-root.crl
+  enroll-server group set-ek-crls fleet --clear
+""")
+@click.argument("group_name")
+@click.option("--crl", "crls", multiple=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A manufacturer CRL, DER or PEM (repeatable).")
+@click.option("--clear", is_flag=True, help="Remove the group's EK CRLs.")
+@pass_context
+def group_set_ek_crls(ctx: Context, group_name: str, crls: tuple[Path, ...],
+                      clear: bool) -> None:
+    """Manufacturer CRLs: an EK certificate (or EK CA) on one of them is refused."""
+    if clear == bool(crls):
+        raise click.UsageError("give --crl FILE (repeatable) or --clear")
+    loaded = []
+    for path in crls:
+        try:
+            loaded += att.load_ek_crls(path.read_bytes())
+        except ValueError as error:
+            raise click.BadParameter(f"{path}: not a CRL ({error})", param_hint="--crl") from None
+    pem = "".join(crl.public_bytes(serialization.Encoding.PEM).decode() for crl in loaded)
+    repository = ctx.repository()
+    try:
+        group_row = repository.group(group_name)
+    except EnrollError as error:
+        fail(error)
+    with repository.transaction():
+        type(group_row).update(ek_crls_pem=pem).where(type(group_row).id == group_row.id).execute()
+    revoked = sum(len(list(crl)) for crl in loaded)
+    repository.audit(actor=operator(), action="group.set_ek_crls", outcome="success",
+                     group=group_name, detail={"crls": len(loaded), "revoked": revoked})
+    click.echo(f"Group {group_name!r}: {len(loaded)} EK CRL(s) with {revoked} revoked "
+               "certificate(s)." if loaded else f"Group {group_name!r} has no EK CRLs now.")
 
 
 def evidence_records(device_id: str) -> list[dict[str, Any]]:

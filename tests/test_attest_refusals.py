@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from tpm2_pytss import TPM2B_PUBLIC, TPMA_OBJECT, TPMS_ATTEST
 from tpm2_pytss.constants import TPM2_ST
 
@@ -24,6 +25,7 @@ from tests.support.attest_helpers import (
     Snapshot,
     assert_attest_refused,
     b64,
+    ek_crl,
     roots_file,
     unb64,
     write_db,
@@ -34,8 +36,13 @@ GROUP = "tpm-refusals"
 
 
 @pytest.fixture(scope="module")
-def manufacturer(tmp_path_factory: pytest.TempPathFactory) -> Manufacturer:
-    return Manufacturer.create(tmp_path_factory.mktemp("vendor"))
+def vendor_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("vendor")
+
+
+@pytest.fixture(scope="module")
+def manufacturer(vendor_dir: Path) -> Manufacturer:
+    return Manufacturer.create(vendor_dir)
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +139,26 @@ def test_ek_certificate_from_an_untrusted_manufacturer_is_refused(
             response = client.post("challenge", client.challenge_request())
             client.close()
     assert_attest_refused(server, before, response, 403, "ek.untrusted", "attest.challenge")
+
+
+def test_an_ek_certificate_on_the_manufacturers_crl_is_refused(
+        server: ServedInstance, client: AttestClient, device: TpmDevice, vendor_dir: Path,
+        tmp_path: Path) -> None:  # fmt: skip
+    """SECURITY-CHECKLIST 9: the vendor revoked this TPM's EK certificate."""
+    roots = roots_file(tmp_path, Manufacturer.load(vendor_dir).ca_certificate_pems)
+    server.cli("group", "create", GROUP + "-crl", "--auth", "tpm", "--ek-roots", str(roots))
+    serial = x509.load_der_x509_certificate(device.read_ek_certificate("ecc")).serial_number
+    crl = tmp_path / "vendor.crl"
+    crl.write_bytes(ek_crl(vendor_dir, [serial]))
+    server.cli("group", "set-ek-crls", GROUP + "-crl", "--crl", str(crl))
+    client.base = client.base.replace(f"/{GROUP}/", f"/{GROUP}-crl/")
+    before = Snapshot.take(server)
+    response = client.post("challenge", client.challenge_request())
+    assert_attest_refused(server, before, response, 403, "ek.revoked", "attest.challenge")
+    other = tmp_path / "other.crl"  # a CRL that lists other TPMs only: no effect
+    other.write_bytes(ek_crl(vendor_dir, [serial + 1]))
+    server.cli("group", "set-ek-crls", GROUP + "-crl", "--crl", str(other))
+    assert client.post("challenge", client.challenge_request()).status_code == 200
 
 
 def test_group_without_tpm_attestation_refuses_challenges(server: ServedInstance,

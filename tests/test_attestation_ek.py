@@ -298,3 +298,36 @@ def test_naive_now_is_a_programming_error(pki: EkPki) -> None:
     certificate = pki.issue_ek_certificate(software_ek_public("ecc")[1])
     with pytest.raises(ValueError, match="timezone"):
         ek.verify_ek_certificate(certificate, [pki.root], now=dt.datetime(2026, 1, 1))
+
+
+def _crl(issuer: x509.Certificate, key, serials: list[int]) -> x509.CertificateRevocationList:
+    revoked = [x509.RevokedCertificateBuilder().serial_number(serial)
+               .revocation_date(NOW - dt.timedelta(days=1)).build() for serial in serials]
+    return (x509.CertificateRevocationListBuilder(revoked_certificates=revoked)
+            .issuer_name(issuer.subject).last_update(NOW - dt.timedelta(days=1))
+            .next_update(NOW + dt.timedelta(days=6)).sign(key, hashes.SHA256()))
+
+
+def test_revoked_ek_certificate_or_ek_ca_is_refused(pki: EkPki) -> None:
+    _, key = software_ek_public("ecc")
+    certificate = pki.issue_ek_certificate(key)
+    path = ek.verify_ek_certificate(certificate, [pki.root], [pki.ek_ca], now=NOW)
+    ek.check_ek_revocation(path, [])  # no CRL configured: nothing to refuse
+    ek.check_ek_revocation(path, [_crl(pki.ek_ca, pki.ca_key, [certificate.serial_number + 1])])
+    with pytest.raises(verdict.EkRevoked) as refused:
+        ek.check_ek_revocation(path, [_crl(pki.ek_ca, pki.ca_key, [certificate.serial_number])])
+    assert refused.value.code == "ek.revoked"
+    with pytest.raises(verdict.EkRevoked):  # the whole EK CA revoked by the root
+        ek.check_ek_revocation(path, [_crl(pki.root, pki.root_key, [pki.ek_ca.serial_number])])
+
+
+def test_a_crl_not_signed_by_the_issuer_is_ignored(pki: EkPki) -> None:
+    _, key = software_ek_public("ecc")
+    certificate = pki.issue_ek_certificate(key)
+    path = ek.verify_ek_certificate(certificate, [pki.root], [pki.ek_ca], now=NOW)
+    forged = _crl(pki.ek_ca, ec.generate_private_key(ec.SECP384R1()),
+                  [certificate.serial_number])  # same issuer name, another key
+    ek.check_ek_revocation(path, [forged])
+    pem = forged.public_bytes(serialization.Encoding.PEM) * 2
+    assert len(ek.load_ek_crls(pem)) == 2
+    assert len(ek.load_ek_crls(forged.public_bytes(serialization.Encoding.DER))) == 1

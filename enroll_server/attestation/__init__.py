@@ -25,7 +25,9 @@ from enroll_server.attestation.credential import (
 from enroll_server.attestation.ek import (
     check_ek_allowlisted,
     check_ek_public,
+    check_ek_revocation,
     load_ek_certificate,
+    load_ek_crls,
     verify_ek_certificate,
 )
 from enroll_server.attestation.quote import (
@@ -62,7 +64,8 @@ __all__ = [
     "AttestationError", "ClockInfo", "Finding", "MalformedEvidence", "QuoteResult",
     "check_activated_secret", "check_ak_name", "check_ak_public", "check_challenge",
     "check_csr_key", "check_device_key_attributes", "check_ek_allowlisted",
-    "check_ek_public", "check_reset_count", "clock_info", "ek_identity",
+    "check_ek_public", "check_ek_revocation", "check_reset_count", "clock_info",
+    "ek_identity", "load_ek_crls",
     "golden_pcr_policy", "key_identity", "load_ek_certificate", "make_credential_challenge",
     "new_nonce", "new_secret", "object_name", "parse_attest", "parse_public",
     "parse_signature", "parse_tpm2_pcrread", "pcr_policy_from_json", "pcr_policy_to_json",

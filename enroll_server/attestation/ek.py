@@ -39,6 +39,7 @@ from enroll_server.attestation.verdict import (
     EkExpired,
     EkNotAllowlisted,
     EkPublicMismatch,
+    EkRevoked,
     EkUntrusted,
     MalformedEvidence,
 )
@@ -262,3 +263,34 @@ def check_ek_allowlisted(identity: str, allowlist: Iterable[str]) -> None:
         listed |= hmac.compare_digest(probe, entry.strip().lower().encode())
     if not listed:
         raise EkNotAllowlisted(detail=f"EK {identity} not on the allowlist")
+
+
+def load_ek_crls(data: bytes) -> list[x509.CertificateRevocationList]:
+    """Manufacturer CRLs as an operator configures them: PEM (several) or one DER."""
+    if b"-----BEGIN X509 CRL-----" in data:
+        blocks = data.split(b"-----END X509 CRL-----")
+        return [x509.load_pem_x509_crl(block + b"-----END X509 CRL-----\n")
+                for block in blocks if b"-----BEGIN X509 CRL-----" in block]
+    return [x509.load_der_x509_crl(data)] if data.strip() else []
+
+
+def check_ek_revocation(
+    path: Sequence[x509.Certificate], crls: Sequence[x509.CertificateRevocationList],
+) -> None:  # fmt: skip
+    """No certificate on the EK path is on a CRL of its issuer (SECURITY-CHECKLIST 9).
+
+    ``path`` is verify_ek_certificate's answer (EK certificate first, trust anchor last).
+    A CRL counts only for the issuer that signed it (RFC 5280 6.3.3 (f)); others are
+    ignored. CRLs are configured by the operator (`group set-ek-crls`) and refreshed by
+    them: the verifier does no network I/O, so a CRL past its nextUpdate still counts.
+    """
+    for child, issuer in zip(path, path[1:], strict=False):
+        for crl in crls:
+            if crl.issuer != issuer.subject or not crl.is_signature_valid(
+                    issuer.public_key()):  # type: ignore[arg-type]
+                continue
+            entry = crl.get_revoked_certificate_by_serial_number(child.serial_number)
+            if entry is not None:
+                raise EkRevoked(detail=f"{_describe(child)} revoked on "
+                                       f"{entry.revocation_date_utc} (CRL of "
+                                       f"{_describe(issuer)})")  # fmt: skip

@@ -74,6 +74,11 @@ class EkAttributes(AttestationError):
     public = "The EK public area does not have the attributes of an endorsement key."
 
 
+class EkRevoked(AttestationError):
+    code = "ek.revoked"
+    public = "The TPM manufacturer has revoked this EK certificate or its issuing CA."
+
+
 class EkNotAllowlisted(AttestationError):
     code = "ek.not_allowlisted"
     public = "The EK is not on the enrollment group's allowlist."

@@ -61,7 +61,8 @@ def open_database(url: str, instance_dir: Path | None = None) -> pw.Database:
 _ADDED_COLUMNS: dict[int, dict[type[pw.Model], tuple[str, ...]]] = {
     2: {EnrollmentGroup: ("ek_roots_pem", "ek_policy", "pcr_policy"),
         Device: ("ak_name", "last_reset_count")},
-    3: {Device: ("revoked_at", "revocation_reason", "notice_sequence"),
+    3: {EnrollmentGroup: ("ek_crls_pem",),
+        Device: ("revoked_at", "revocation_reason", "notice_sequence"),
         Certificate: ("renew_at", "renewal_noticed_at", "issuer")},
 }
 _ADDED_TABLES: dict[int, list[type[pw.Model]]] = {

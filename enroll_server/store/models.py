@@ -47,6 +47,8 @@ class EnrollmentGroup(BaseModel):
     ek_roots_pem = pw.TextField(default="")
     ek_policy = pw.CharField(max_length=16, default="manufacturer")
     pcr_policy = pw.TextField(default="")
+    # Schema 3: the manufacturers' CRLs (PEM), checked against every EK chain.
+    ek_crls_pem = pw.TextField(default="")
 
 
 class Device(BaseModel):

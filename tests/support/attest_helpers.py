@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from device_sdk.tpm import EkKind, TpmDevice
@@ -138,3 +139,26 @@ def roots_file(directory: Path, pems: tuple[str, ...] | list[str]) -> Path:
     path = directory / "ek-roots.pem"
     path.write_text("".join(pems))
     return path
+
+
+def ek_crl(vendor_dir: Path, serials: list[int]) -> bytes:
+    """A DER CRL of a simulated manufacturer's EK issuing CA (its key file in
+    ``vendor_dir``) revoking ``serials``: what a TPM vendor publishes."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from simulators.manufacturer import Manufacturer
+
+    ca = x509.load_pem_x509_certificate((vendor_dir / Manufacturer.EK_CA_CERT).read_bytes())
+    key = load_pem_private_key((vendor_dir / Manufacturer.EK_CA_KEY).read_bytes(), None)
+    now = dt.datetime.now(dt.UTC)
+    revoked = [x509.RevokedCertificateBuilder().serial_number(serial)
+               .revocation_date(now - dt.timedelta(minutes=1)).build() for serial in serials]
+    crl = (x509.CertificateRevocationListBuilder(revoked_certificates=revoked)
+           .issuer_name(ca.subject).last_update(now - dt.timedelta(minutes=1))
+           .next_update(now + dt.timedelta(days=7))
+           .add_extension(x509.CRLNumber(1), critical=False)
+           .sign(key, hashes.SHA384()))  # type: ignore[arg-type]
+    return crl.public_bytes(serialization.Encoding.DER)
