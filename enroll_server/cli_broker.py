@@ -86,6 +86,7 @@ def relay(ctx: Context, batch: int) -> None:
     """Publish queued notices to the broker; renewals, CRLs of every CA, broker CRL."""
     from .notify.broker import BrokerCrlSync
     from .notify.duties import Duties
+    from .notify.kicker import Kicker
     from .notify.outbox import MqttPublisher, OutboxRelay
     from .services import load_authorities, notice_issuer
 
@@ -99,11 +100,14 @@ def relay(ctx: Context, batch: int) -> None:
                     lambda signer: notice_issuer(settings, signer), settings.revocation,
                     broker, clock)
     publisher = MqttPublisher(settings.mqtt, client_id=f"enroll-relay-{id(settings):x}")
-    worker = OutboxRelay(repository, publisher, clock, batch=batch)
+    kicker = Kicker(settings.mqtt, settings.mqtt.kick_revoked_after_seconds)
+    worker = OutboxRelay(repository, publisher, clock, batch=batch,
+                         on_revocation_sent=kicker.schedule
+                         if settings.mqtt.kick_revoked_after_seconds >= 0 else None)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     click.echo(f"relay {worker.owner}: publishing to {settings.mqtt.host}:{settings.mqtt.port}",
                err=True)
-    worker.run(stop, duties)
+    worker.run(stop, lambda: (duties(), kicker.run_due()))
     click.echo(f"relay stopped after {worker.published} notice(s)", err=True)

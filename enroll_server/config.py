@@ -122,6 +122,9 @@ class MqttSettings:
     # The broker's crlfile, kept current by the relay; SIGHUP makes Mosquitto re-read it.
     broker_crl_file: Path = Path("mqtt/crl.pem")
     broker_pid_file: Path | None = None
+    # A revoked device still connected is disconnected (session takeover by client id)
+    # this long after its revocation notice went out; negative: never.
+    kick_revoked_after_seconds: float = 3.0
 
 
 @dataclass(frozen=True)

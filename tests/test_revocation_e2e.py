@@ -11,6 +11,8 @@ import datetime as dt
 import json
 import ssl
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -214,3 +216,36 @@ def test_metrics_report_revocations_refusals_and_the_crl(instance: ServedInstanc
                     if line.startswith("enroll_crl_next_update_seconds "))
     assert 0 < crl_left <= 24 * 3600
     assert 'enroll_refusals_5m{action="api.admin.revoke",code="operator.unauthorized"}' in text
+
+
+def test_a_revoked_device_that_stays_connected_is_disconnected_after_its_notice(
+        instance: ServedInstance, rig: RevocationRig) -> None:  # fmt: skip
+    """Mosquitto checks its CRL only at connect: the relay ends the revoked device's
+    session (takeover by client id) once its notice went out (SECURITY-CHECKLIST 26)."""
+    import paho.mqtt.client as mqtt
+
+    device = rig.enroll("rev-connected-1")
+    events: list[str] = []
+    subscribed = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device.device_id,
+                         clean_session=False, protocol=mqtt.MQTTv311)
+    client.tls_set_context(tls(instance, device))
+    client.on_connect = lambda c, u, f, r, p: (events.append(f"connect:{r}"),
+                                               c.subscribe(device.topic, qos=1))
+    client.on_subscribe = lambda c, u, m, r, p: subscribed.set()
+    client.on_message = lambda c, u, message: events.append("notice")
+    client.on_disconnect = lambda c, u, f, r, p: events.append(f"disconnect:{r}")
+    client.reconnect_delay_set(1, 2)
+    client.connect("localhost", rig.broker.port, keepalive=30)
+    client.loop_start()
+    try:
+        assert subscribed.wait(15)
+        instance.cli("revoke", "--device", device.device_id, "--reason", "keyCompromise")
+        assert wait_for(lambda: any(e.startswith("disconnect") for e in events), 30), events
+        assert events.index("notice") < next(
+            i for i, e in enumerate(events) if e.startswith("disconnect"))  # notice first
+        time.sleep(3)  # paho keeps trying to reconnect: the broker's CRL refuses it
+        assert [e for e in events if e.startswith("connect")] == ["connect:Success"]
+    finally:
+        client.loop_stop()
+        client.disconnect()

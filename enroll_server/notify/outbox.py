@@ -45,6 +45,8 @@ class Claimed:
     payload: str
     retain: bool
     attempts: int
+    kind: str = ""
+    device_id: str | None = None
 
 
 def _claimable(now: dt.datetime) -> pw.Expression:
@@ -72,7 +74,8 @@ def claim(repository: Repository, owner: str, now: dt.datetime, limit: int) -> l
             OutboxMessage.id.in_(ids)).execute()
         rows = (OutboxMessage.select().where(OutboxMessage.id.in_(ids))
                 .order_by(OutboxMessage.id))
-        return [Claimed(r.id, r.topic, r.payload, r.retain, r.attempts) for r in rows]
+        return [Claimed(r.id, r.topic, r.payload, r.retain, r.attempts, r.kind, r.device_id)
+                for r in rows]
 
 
 def mark_sent(repository: Repository, owner: str, ids: list[int], now: dt.datetime) -> None:
@@ -153,7 +156,8 @@ class OutboxRelay:
 
     def __init__(self, repository: Repository, publisher: MqttPublisher,
                  clock: Callable[[], dt.datetime], *, batch: int = 200,
-                 idle_seconds: float = 0.05, owner: str | None = None) -> None:
+                 idle_seconds: float = 0.05, owner: str | None = None,
+                 on_revocation_sent: Callable[[str], None] | None = None) -> None:
         self.repository = repository
         self.publisher = publisher
         self.clock = clock
@@ -161,6 +165,7 @@ class OutboxRelay:
         self.idle_seconds = idle_seconds
         self.owner = owner or f"{socket.gethostname()[:40]}:{os.getpid()}"
         self.published = 0
+        self.on_revocation_sent = on_revocation_sent
 
     def run_once(self) -> int:
         """Claim one batch and publish it; returns how many the broker acknowledged."""
@@ -173,6 +178,11 @@ class OutboxRelay:
         except (ConnectionError, OSError) as exc:
             sent, failed, error = [], rows, f"{type(exc).__name__}: {exc}"
         mark_sent(self.repository, self.owner, sent, self.clock())
+        if self.on_revocation_sent is not None:
+            done = set(sent)
+            for row in rows:
+                if row.id in done and row.kind == "revocation" and row.retain and row.device_id:
+                    self.on_revocation_sent(row.device_id)  # its own topic, not the fleet's
         if failed:
             log.warning("relay: %d notice(s) not acknowledged, retrying later: %s",
                         len(failed), error)
