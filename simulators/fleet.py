@@ -97,10 +97,15 @@ def run_fleet(options: FleetOptions, progress: Progress = no_progress) -> dict[s
         enrolled = [r for r in results if r.enrolled]
         victims = rng.sample(enrolled, round(len(enrolled) * options.revoke_fraction))
         revoke_started = time.monotonic()
+        healthy = [r for r in enrolled if r not in victims]
+        forged = _forge(rig, healthy[: max(1, len(healthy) // 10)] if healthy else [])
         revoke_latency = _revoke(rig, gateway, victims, progress)
         _finish_chaos(rig, options, chaos_stop, chaos_thread)
         readmission = _try_revoked(rig, workdir, options, victims)
         invariants = _invariants(rig, results, victims, gateway)
+        invariants["forged_notices"] = forged
+        invariants["forged_accepted"] = sum(
+            r.device_id in gateway.notices for r in healthy)
         invariants["revoked_reenroll_refused"] = readmission.get("device.revoked", 0)
         invariants["revoked_reenroll_outcomes"] = readmission
         report = _report(options, results, victims, revoke_latency, invariants, rig,
@@ -191,6 +196,51 @@ def _try_revoked(rig: Rig, workdir: Path, options: FleetOptions,
     return outcomes
 
 
+def _forge(rig: Rig, targets: list[DeviceResult]) -> int:
+    """Forged revocations of healthy devices, signed by a CA nobody trusts, published on
+    the fleet topic with the relay's own broker account (the worst case: a leaked
+    publisher credential). The gateway must reject every one (SECURITY-CHECKLIST 25)."""
+    import datetime as dt
+
+    import paho.mqtt.client as mqtt
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from enroll_server.ca.hierarchy import make_root_ca
+    from enroll_server.notify.notices import (
+        Notice,
+        issue_notice_signing_certificate,
+        sign_notice,
+    )
+
+    now = dt.datetime.now(dt.UTC)
+    rogue_key = ec.generate_private_key(ec.SECP256R1())
+    rogue_ca = make_root_ca(rogue_key, "Rogue")
+    signer = ec.generate_private_key(ec.SECP256R1())
+    cert = issue_notice_signing_certificate(rogue_key, rogue_ca, signer.public_key(),
+                                            dt.timedelta(days=1), now)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fleet-forger",
+                         protocol=mqtt.MQTTv311)
+    context = ssl.create_default_context(cafile=str(rig.instance.trust_anchor))
+    context.load_cert_chain(rig.instance.dir / "mqtt/publisher.pem",
+                            rig.instance.dir / "mqtt/publisher.key")
+    client.tls_set_context(context)
+    client.connect("localhost", rig.broker_port)
+    client.loop_start()
+    try:
+        for number, target in enumerate(targets, start=1):
+            notice = Notice(device_id=target.device_id, type="revocation", serial="1",
+                            sequence=10**6 + number, issued_at=now,
+                            expires_at=now + dt.timedelta(days=1), group=GROUP,
+                            reason="keyCompromise")
+            client.publish(f"fleet/{GROUP}/revocations",
+                           sign_notice(notice, signer, [cert, rogue_ca]),
+                           qos=1).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return len(targets)
+
+
 def _revoke(rig: Rig, gateway: Gateway, victims: list[DeviceResult],
             progress: Progress) -> list[float]:
     credential = (rig.instance.dir / "secrets/operator.token").read_text().strip()
@@ -278,6 +328,7 @@ def _report(options: FleetOptions, results: list[DeviceResult], victims: list[De
               and invariants["keys_with_two_active_certs"] == 0
               and invariants["revoked_notified"] == invariants["revoked"]
               and invariants["revoked_reenroll_refused"] == invariants["revoked"]
+              and invariants["forged_accepted"] == 0
               and invariants["outbox_unsent"] == 0)
     return {
         "benchmark": "fleet", "machine": machine_info(),
@@ -314,6 +365,8 @@ def render(report: dict[str, Any]) -> str:
         ("revocation -> notice (ms) p50/p99",
          "{p50} / {p99}".format(**report["revocation_notice_ms"])),
         ("revoked devices notified", f"{inv['revoked_notified']}/{inv['revoked']}"),
+        ("forged notices rejected by the gateway",
+         f"{inv['forged_notices'] - inv['forged_accepted']}/{inv['forged_notices']}"),
         ("revoked devices refused on re-enrollment",
          f"{inv['revoked_reenroll_refused']}/{inv['revoked']}"),
         ("peak swtpm memory per device", f"{report['swtpm_peak_kib']} KiB"),

@@ -32,4 +32,6 @@ def test_a_fleet_survives_broker_server_and_relay_chaos() -> None:
     assert invariants["devices_with_two_active_certs"] == 0
     assert invariants["keys_with_two_active_certs"] == 0
     assert invariants["outbox_unsent"] == 0
+    assert invariants["forged_notices"] >= 1 and invariants["forged_accepted"] == 0
+    assert report["gateway_rejected"] >= invariants["forged_notices"]
     assert _processes_under(report["workdir"]) == []  # swtpm, mosquitto, relay: all gone
