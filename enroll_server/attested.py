@@ -19,6 +19,7 @@ things up, orders the calls and writes. Refusals are audited by EnrollmentServic
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import json
@@ -91,12 +92,23 @@ def pcr_policy(group: EnrollmentGroup) -> PcrMap | None:
 
 def ek_trust_anchors(group: EnrollmentGroup) -> list[x509.Certificate]:
     """Every certificate the operator configured (roots and EK issuing CAs) is an anchor."""
-    return x509.load_pem_x509_certificates(group.ek_roots_pem.encode()) \
-        if group.ek_roots_pem.strip() else []
+    return list(_parsed_roots(group.ek_roots_pem))
 
 
 def ek_crls(group: EnrollmentGroup) -> list[x509.CertificateRevocationList]:
-    return att.load_ek_crls(group.ek_crls_pem.encode()) if group.ek_crls_pem.strip() else []
+    return list(_parsed_crls(group.ek_crls_pem))
+
+
+# Parsed once per distinct configuration, not on every challenge: manufacturer CRLs can
+# hold many thousands of entries. Keyed by the stored text, so a change is seen at once.
+@functools.lru_cache(maxsize=16)
+def _parsed_roots(pem: str) -> tuple[x509.Certificate, ...]:
+    return tuple(x509.load_pem_x509_certificates(pem.encode())) if pem.strip() else ()
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed_crls(pem: str) -> tuple[x509.CertificateRevocationList, ...]:
+    return tuple(att.load_ek_crls(pem.encode())) if pem.strip() else ()
 
 
 def _secret_hash(secret: bytes) -> bytes:
@@ -123,7 +135,8 @@ class AttestationService:
             _require_tpm(group)
             device_id = self._check_endorsement(group, request, now)
             device = self.repository.device(device_id)
-            allowlist = self._allowlist(group) if group.ek_policy == "allowlist" else None
+            allowlist = self._allowlisted(group, device_id) \
+                if group.ek_policy == "allowlist" else None
         if allowlist is not None:
             att.check_ek_allowlisted(device_id, allowlist)
         ak_name = att.object_name(att.check_ak_public(request.ak_public))
@@ -156,10 +169,13 @@ class AttestationService:
                                         "trusts TPMs by their manufacturer's certificate")
         return device_id
 
-    def _allowlist(self, group: EnrollmentGroup) -> list[str]:
+    def _allowlisted(self, group: EnrollmentGroup, device_id: str) -> list[str]:
+        """The allowlist entry for this EK, if any: one indexed lookup (the EK hash is
+        public, nothing to hide by scanning every entry), checked by the pure verifier."""
         return [entry.ek_sha256 for entry in
                 EkAllowlistEntry.select(EkAllowlistEntry.ek_sha256)
-                .where(EkAllowlistEntry.group == group)]
+                .where((EkAllowlistEntry.group == group)
+                       & (EkAllowlistEntry.ek_sha256 == device_id))]
 
     def _store(self, group: EnrollmentGroup, request: ChallengeRequest, challenge: Challenge,
                ak_name: bytes, secret: bytes, now: dt.datetime) -> None:

@@ -75,6 +75,14 @@ def fail(error: EnrollError) -> None:
     raise click.ClickException(f"{error.public} [{error.code}]")
 
 
+def group_or_fail(repository, name: str):  # -> EnrollmentGroup
+    """The enrollment group, or a clear error naming the code (`group list` shows them)."""
+    try:
+        return repository.group(name)
+    except EnrollError as error:
+        fail(error)
+
+
 # -- enrollment groups ------------------------------------------------------------------
 @main.group(epilog="""\b
 Examples:
@@ -182,10 +190,7 @@ def token_create(ctx: Context, group_name: str, device_id: str | None, ttl: str,
         raise click.BadParameter("1-64 characters of A-Z a-z 0-9 . _ -",
                                  param_hint="--device")
     repository = ctx.repository()
-    try:
-        group_row = repository.group(group_name)
-    except EnrollError as error:
-        fail(error)
+    group_row = group_or_fail(repository, group_name)
     secret, row = repository.create_token(group_row, lifetime, operator(), device_id)
     repository.audit(actor=operator(), action="token.create", outcome="success",
                      group=group_name, device_id=device_id,

@@ -19,7 +19,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from . import attestation as att
-from .cli_ops import Context, _cell, devices, fail, group, json_option, operator, pass_context
+from .cli_ops import (
+    Context,
+    _cell,
+    devices,
+    group,
+    group_or_fail,
+    json_option,
+    operator,
+    pass_context,
+)
 from .errors import EnrollError
 from .store.models import AttestationEvidence, Certificate, Device, EkAllowlistEntry
 
@@ -68,10 +77,7 @@ def group_allow_ek(ctx: Context, group_name: str, ek_cert: Path | None,
     """Allow one TPM (by its EK) to enroll in a group with --ek-policy allowlist."""
     identity = _ek_identity(ek_cert, ek_public, ek_sha256)
     repository = ctx.repository()
-    try:
-        group_row = repository.group(group_name)
-    except EnrollError as error:
-        fail(error)
+    group_row = group_or_fail(repository, group_name)
     with repository.transaction():
         if remove:
             changed = EkAllowlistEntry.delete().where(
@@ -134,10 +140,7 @@ def group_set_pcrs(ctx: Context, group_name: str, pcrread: Path | None, pcrs: st
             raise click.BadParameter(str(error), param_hint="--pcrread/--pcrs") from None
         document = json.dumps(att.pcr_policy_to_json(policy), sort_keys=True)
     repository = ctx.repository()
-    try:
-        group_row = repository.group(group_name)
-    except EnrollError as error:
-        fail(error)
+    group_row = group_or_fail(repository, group_name)
     with repository.transaction():
         type(group_row).update(pcr_policy=document).where(
             type(group_row).id == group_row.id).execute()
@@ -177,10 +180,7 @@ def group_set_ek_crls(ctx: Context, group_name: str, crls: tuple[Path, ...],
             raise click.BadParameter(f"{path}: not a CRL ({error})", param_hint="--crl") from None
     pem = "".join(crl.public_bytes(serialization.Encoding.PEM).decode() for crl in loaded)
     repository = ctx.repository()
-    try:
-        group_row = repository.group(group_name)
-    except EnrollError as error:
-        fail(error)
+    group_row = group_or_fail(repository, group_name)
     with repository.transaction():
         type(group_row).update(ek_crls_pem=pem).where(type(group_row).id == group_row.id).execute()
     revoked = sum(len(list(crl)) for crl in loaded)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import peewee as pw
 from cryptography import x509
 
-from .ca.crl import RevokedEntry, build_crl
+from .ca.crl import RevokedEntry, build_crl, check_crl
 from .ca.signer import Signer
 from .config import RevocationSettings
 from .errors import BadRequest, EnrollError, NotFound
@@ -116,9 +116,16 @@ class CrlPublisher:
         return entries, number
 
     def _build(self, entries: list[RevokedEntry], number: int, now: dt.datetime) -> bytes:
+        """Build, sign and check: a CRL that does not verify is never stored."""
         next_update = now + dt.timedelta(hours=self.settings.crl_validity_hours)
-        return build_crl(self.signer.private_key, self.signer.ca_certificate, entries,
-                         number, now, next_update)
+        der = build_crl(self.signer.private_key, self.signer.ca_certificate, entries,
+                        number, now, next_update)
+        try:
+            check_crl(der, self.signer.ca_certificate, number - 1 if number > 1 else None)
+        except ValueError as error:
+            raise EnrollError(code="crl.build_invalid", detail=f"{self.issuer}: {error}"
+                              ) from error
+        return der
 
     def _store(self, number: int, der: bytes, entries: int, now: dt.datetime) -> PublishedCrl:
         next_update = now + dt.timedelta(hours=self.settings.crl_validity_hours)
@@ -242,11 +249,6 @@ class RevocationService:
                             "%s", issuer, error.detail)
                 numbers[issuer] = None
         return numbers
-
-    def republish_crl(self) -> int | None:
-        """Every live CA's CRL; the active CA's new number (None if any failed)."""
-        numbers = self.republish_crls()
-        return None if None in numbers.values() else numbers[self.default_issuer]
 
     def _targets(self, device_id: str | None, serial: str | None, group: str | None,
                  now: dt.datetime) -> tuple[list[Device], list[Certificate]]:

@@ -48,7 +48,7 @@ from .bench_report import Progress, machine_info, process_tree_cpu_seconds
 from .bench_report import no_progress as _no_progress
 from .bench_report import percentile as _percentile
 from .bench_report import signals_held as _signals_held
-from .served import ServedInstance, ServerProcessError
+from .served import ServedInstance, ServerProcessError, unthrottled
 
 # From the issue: at 16 clients, HTTPS rate >= 15% of the bare issuance rate, p99 < 50 ms.
 TARGET_RATIO = 0.15
@@ -297,11 +297,8 @@ def run_est_bench(options: EstBenchOptions,
     workers: list[mp.process.BaseProcess] = []
     try:
         progress("initialising an instance (root CA, SoftHSM token, SQLite)", False)
-        instance = ServedInstance(directory=tmp / "instance", env={
-            "ENROLL_SERVER__WORKERS": str(options.workers),
-            "ENROLL_SERVER__THREADS": str(options.threads),
-            "ENROLL_SERVER__RATE_LIMIT_PER_SECOND": "1000000",
-            "ENROLL_SERVER__RATE_LIMIT_BURST": "1000000"})
+        instance = ServedInstance(directory=tmp / "instance", env=unthrottled(
+            workers=str(options.workers), threads=str(options.threads)))
         progress(f"instance ready in {tmp}", True)
         settings = _instance_settings(instance)
         bodies = make_csr_bodies(warmup + options.requests, progress)

@@ -61,7 +61,7 @@ from .bench_report import (
     progress_bar,
     signals_held,
 )
-from .served import ServedInstance, ServerProcessError
+from .served import ServedInstance, ServerProcessError, unthrottled
 
 GROUP = "fleet"
 
@@ -266,11 +266,8 @@ def run_attest_bench(options: AttestBenchOptions,
     workers: list[mp.process.BaseProcess] = []
     try:
         progress("initialising an instance (root CA, SoftHSM token, SQLite)", False)
-        instance = ServedInstance(directory=tmp / "instance", env={
-            "ENROLL_SERVER__WORKERS": str(options.workers),
-            "ENROLL_SERVER__THREADS": str(options.threads),
-            "ENROLL_SERVER__RATE_LIMIT_PER_SECOND": "1000000",
-            "ENROLL_SERVER__RATE_LIMIT_BURST": "1000000"})
+        instance = ServedInstance(directory=tmp / "instance", env=unthrottled(
+            workers=str(options.workers), threads=str(options.threads)))
         manufacturer = Manufacturer.create(tmp / "manufacturer")
         roots = tmp / "manufacturer" / "ek-roots.pem"
         roots.write_text("".join(manufacturer.ca_certificate_pems))

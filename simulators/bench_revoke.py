@@ -48,7 +48,7 @@ from device_sdk.notices import NoticeRejected, verify_notice
 from simulators.bench import create_tokens
 from simulators.bench_report import Progress, machine_info, no_progress, percentile
 from simulators.bench_revocation import bench_crl, bench_ocsp
-from simulators.served import BIN, ServedInstance, free_port
+from simulators.served import BIN, ServedInstance, free_port, unthrottled
 
 TARGET_P99_MS = 500.0
 TARGET_CRL_SECONDS = 2.0
@@ -189,8 +189,7 @@ def run_revoke_bench(devices: int = 200, revocations: int = 100, crl_entries: in
     if not 1 <= revocations <= devices:
         raise ValueError("revocations must be between 1 and the number of devices")
     workdir = Path(tempfile.mkdtemp(prefix="enroll-bench-revoke-"))
-    instance = ServedInstance(env={"ENROLL_SERVER__RATE_LIMIT_PER_SECOND": "100000",
-                                   "ENROLL_SERVER__RATE_LIMIT_BURST": "100000"})
+    instance = ServedInstance(env=unthrottled())
     broker: subprocess.Popen[bytes] | None = None
     relay: subprocess.Popen[bytes] | None = None
     agents: list[Agent] = []

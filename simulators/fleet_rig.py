@@ -17,7 +17,7 @@ import paho.mqtt.client as mqtt
 from cryptography import x509
 
 from device_sdk.notices import NoticeRejected, verify_notice
-from simulators.served import BIN, ServedInstance, free_port
+from simulators.served import BIN, ServedInstance, free_port, unthrottled
 
 CHAOS_KINDS = ("broker", "server", "relay")
 GROUP = "fleet"
@@ -84,9 +84,7 @@ class Rig:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.instance = ServedInstance(env={
-            "ENROLL_SERVER__RATE_LIMIT_PER_SECOND": "100000",
-            "ENROLL_SERVER__RATE_LIMIT_BURST": "100000"})
+        self.instance = ServedInstance(env=unthrottled())
         self.broker_port = free_port()
         self.broker: subprocess.Popen[bytes] | None = None
         self.relay: subprocess.Popen[bytes] | None = None

@@ -28,6 +28,15 @@ def free_port() -> int:
 BIN = Path(sys.executable).parent
 
 
+def unthrottled(**settings: str) -> dict[str, str]:
+    """Environment for a benchmark or simulator instance: the per-address rate limit
+    lifted (every client is 127.0.0.1), plus any ENROLL_SERVER__* overrides given."""
+    env = {"ENROLL_SERVER__RATE_LIMIT_PER_SECOND": "1000000",
+           "ENROLL_SERVER__RATE_LIMIT_BURST": "1000000"}
+    env.update({f"ENROLL_SERVER__{name.upper()}": value for name, value in settings.items()})
+    return env
+
+
 class ServerProcessError(RuntimeError):
     """The server could not be initialised or started; the message holds its log."""
 

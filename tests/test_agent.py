@@ -51,26 +51,6 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def instance() -> Iterator[ServedInstance]:
-    served = ServedInstance()
-    try:
-        with served:
-            yield served
-    finally:
-        served.cleanup()
-
-
-@pytest.fixture(scope="module")
-def rig(instance: ServedInstance, tmp_path_factory: pytest.TempPathFactory
-        ) -> Iterator[RevocationRig]:  # fmt: skip
-    fleet = RevocationRig(instance, tmp_path_factory.mktemp("agent-fleet"))
-    try:
-        yield fleet.start()
-    finally:
-        fleet.close()
-
-
-@pytest.fixture(scope="module")
 def manufacturer(instance: ServedInstance,
                  tmp_path_factory: pytest.TempPathFactory) -> Manufacturer:
     maker = Manufacturer.create(tmp_path_factory.mktemp("agent-vendor"))

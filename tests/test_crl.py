@@ -11,11 +11,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from enroll_server.ca.crl import CrlCache, RevokedEntry, build_crl
+from enroll_server.ca.crl import RevokedEntry, build_crl, check_crl
 from enroll_server.ca.hierarchy import make_root_ca
 from enroll_server.ca.profiles import CertProfile, revocation_urls
 from enroll_server.ca.signer import Signer
-from enroll_server.errors import SignerUnavailable
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 
@@ -157,57 +156,26 @@ def test_revoked_entry_refuses_what_a_crl_cannot_carry(serial: int, revoked_at: 
         RevokedEntry(serial, revoked_at, reason)
 
 
-def test_cache_publishes_a_good_rebuild(ca: DeviceCA) -> None:
-    cache = CrlCache(ca.certificate, clock=lambda: NOW)
-    assert cache.current() is None
-
-    der = ca.crl([RevokedEntry(9, NOW)], crl_number=4)
-    published = cache.rebuild(lambda: der)
-
-    assert cache.current() is published
-    assert (published.der, published.crl_number, published.entries) == (der, 4, 1)
-    assert (published.built_at, published.next_update) == (NOW, NOW + dt.timedelta(days=1))
-    assert cache.last_error is None
+def test_check_accepts_a_good_successor(ca: DeviceCA) -> None:
+    crl = check_crl(ca.crl([RevokedEntry(9, NOW)], crl_number=4), ca.certificate, 3)
+    assert crl.get_revoked_certificate_by_serial_number(9) is not None
+    check_crl(ca.crl([], crl_number=1), ca.certificate, None)  # the first one
 
 
-def _signer_down() -> bytes:
-    raise SignerUnavailable(retry_after=2, detail="C_Sign on token 'ca': DeviceRemoved")
-
-
-def test_failed_rebuild_keeps_serving_the_last_good_crl(ca: DeviceCA) -> None:
-    cache = CrlCache(ca.certificate)
-    good = cache.rebuild(lambda: ca.crl([RevokedEntry(1, NOW)], crl_number=10))
+def test_check_refuses_what_must_never_replace_the_published_crl(ca: DeviceCA) -> None:
     other_issuer_crl = DeviceCA("Other").crl([], crl_number=11)
     same_name_other_key = DeviceCA("CRL Test").crl([], crl_number=12)  # ca's subject name
     assert x509.load_der_x509_crl(same_name_other_key).issuer == ca.certificate.subject
-    failures: list[tuple[object, type[BaseException], str]] = [
-        (_signer_down, SignerUnavailable, "DeviceRemoved"),
-        (lambda: b"\x30\x03junk", ValueError, "parsing asn1"),
-        (lambda: other_issuer_crl, ValueError, "issuer does not match"),
-        (lambda: same_name_other_key, ValueError, "signature does not verify"),
-        (lambda: ca.crl([], crl_number=10), ValueError, "does not increase"),
-        (lambda: ca.crl([], crl_number=9), ValueError, "does not increase"),
-    ]
-
-    for build, error, message in failures:
-        with pytest.raises(error):
-            cache.rebuild(build)  # type: ignore[arg-type]
-        assert cache.current() is good
-        assert cache.last_error is not None and message in cache.last_error
-
-    assert cache.failed_rebuilds == len(failures)
-    assert x509.load_der_x509_crl(cache.current().der).get_revoked_certificate_by_serial_number(1)
-    newer = cache.rebuild(lambda: ca.crl([], crl_number=11))
-    assert cache.current() is newer and cache.last_error is None
-
-
-def test_rebuild_refuses_a_crl_whose_signature_does_not_verify(ca: DeviceCA) -> None:
-    cache = CrlCache(ca.certificate)
-    good = cache.rebuild(lambda: ca.crl([], crl_number=1))
-    tampered = bytearray(ca.crl([RevokedEntry(5, NOW)], crl_number=2))
+    tampered = bytearray(ca.crl([RevokedEntry(5, NOW)], crl_number=13))
     tampered[-1] ^= 0x01  # flip a bit in the signature value
-
-    with pytest.raises(ValueError, match="signature does not verify"):
-        cache.rebuild(lambda: bytes(tampered))
-
-    assert cache.current() is good
+    refused = [
+        (b"\x30\x03junk", "parsing asn1"),
+        (other_issuer_crl, "issuer does not match"),
+        (same_name_other_key, "signature does not verify"),
+        (bytes(tampered), "signature does not verify"),
+        (ca.crl([], crl_number=10), "does not increase"),
+        (ca.crl([], crl_number=9), "does not increase"),
+    ]
+    for der, message in refused:
+        with pytest.raises(ValueError, match=message):
+            check_crl(der, ca.certificate, 10)

@@ -25,23 +25,17 @@ from tests.support.est_helpers import (
     assert_serves_cacerts,
     cert_pem,
     certificate_status,
-    csr_der,
+    csr_body,
     db_rows,
     ec_key,
     enroll,
-    est_body,
     http_client,
     issued_certificate,
-    make_csr,
     post_est,
     token_used,
     write_identity,
 )
 from tests.support.fixtures import db_count
-
-
-def csr_body(key, subject) -> bytes:
-    return est_body(csr_der(make_csr(key, subject)))
 
 
 @pytest.fixture

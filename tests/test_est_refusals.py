@@ -22,6 +22,7 @@ from tests.support.est_helpers import (
     assert_refused,
     certificate_status,
     cn_name,
+    csr_body,
     csr_der,
     db_write,
     ec_key,
@@ -35,10 +36,6 @@ from tests.support.est_helpers import (
     write_identity,
 )
 from tests.support.fixtures import db_count
-
-
-def csr_body(key, subject) -> bytes:
-    return est_body(csr_der(make_csr(key, subject)))
 
 
 # -- request shape: refused before any cryptographic work (checklist 2) ----------------

@@ -13,11 +13,9 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -26,26 +24,6 @@ from simulators.served import ServedInstance
 from tests.support.est_helpers import csr_der, est_body, make_csr
 from tests.support.fixtures import db_count
 from tests.support.fleet import RevocationRig, SoftDevice, wait_for
-
-
-@pytest.fixture(scope="module")
-def instance() -> Iterator[ServedInstance]:
-    served = ServedInstance()
-    try:
-        with served:
-            yield served
-    finally:
-        served.cleanup()
-
-
-@pytest.fixture(scope="module")
-def rig(instance: ServedInstance, tmp_path_factory: pytest.TempPathFactory
-        ) -> Iterator[RevocationRig]:  # fmt: skip
-    fleet = RevocationRig(instance, tmp_path_factory.mktemp("fleet"))
-    try:
-        yield fleet.start()
-    finally:
-        fleet.close()
 
 
 def ca_certificates(instance: ServedInstance) -> list[x509.Certificate]:

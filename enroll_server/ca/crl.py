@@ -1,8 +1,9 @@
-"""Certificate revocation lists for the issuing CA (RFC 5280 5), and the holder that serves
-the last good one.
+"""Certificate revocation lists for the issuing CA (RFC 5280 5): building one, and checking
+a build before it replaces the published one.
 
-Pure: no I/O, no framework, no database. The caller reads the revoked serials, calls
-build_crl (usually through CrlCache.rebuild) and publishes CrlCache.current().der.
+Pure: no I/O, no framework, no database. revocation.CrlPublisher reads the revoked
+serials, calls build_crl and check_crl, and stores the result (PublishedCrl): a failed
+build or check adds nothing, so the last good CRL keeps being served.
 
 cryptography's CertificateRevocationListBuilder copies its entry list on every
 add_revoked_certificate, so adding 100k entries one by one is quadratic (24.6 s in
@@ -14,8 +15,7 @@ the builder's constructor: linear, 0.7-0.9 s for 100k entries on the reference m
 from __future__ import annotations
 
 import datetime as dt
-import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -111,68 +111,24 @@ def build_crl(signer_key: object, issuer_certificate: x509.Certificate,
     return crl.public_bytes(serialization.Encoding.DER)
 
 
-@dataclass(frozen=True)
-class CrlSnapshot:
-    """A CRL that passed CrlCache's checks, with what a publisher needs to know about it."""
+def check_crl(der: bytes, issuer_certificate: x509.Certificate,
+              previous_number: int | None) -> x509.CertificateRevocationList:
+    """Is ``der`` fit to replace the published CRL? Raises ValueError if not.
 
-    der: bytes
-    built_at: dt.datetime
-    crl_number: int
-    this_update: dt.datetime
-    next_update: dt.datetime
-    entries: int
-
-
-class CrlCache:
-    """Holds the last good CRL of one issuer; a failed rebuild never replaces it.
-
-    SECURITY: relying parties must keep getting a valid CRL while the HSM is down or the
-    database read fails, so a rebuild that raises, returns something that is not a CRL of
-    this issuer with a valid signature, or does not increase the CRL number (RFC 5280
-    5.2.3: monotonically increasing) leaves the published CRL untouched. The error is
-    re-raised to the caller and kept in last_error.
-
-    Thread-safe: readers never wait for a build; rebuilds run one at a time.
+    SECURITY: relying parties must keep getting a valid CRL, so a build that is not a CRL
+    of this issuer with a valid signature (a faulty HSM, a wrong key), has no nextUpdate
+    (5.1.2.5), or does not increase the CRL number (5.2.3) is never published; the
+    caller keeps serving the last good one.
     """
-
-    def __init__(self, issuer_certificate: x509.Certificate,
-                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)) -> None:
-        self._issuer = issuer_certificate
-        self._clock = clock
-        self._published: CrlSnapshot | None = None
-        self._rebuild_lock = threading.Lock()
-        self.last_error: str | None = None  # for health reports and the audit log
-        self.failed_rebuilds = 0
-
-    def current(self) -> CrlSnapshot | None:
-        """The last good CRL, or None before the first successful rebuild."""
-        return self._published  # one reference read: atomic
-
-    def rebuild(self, build: Callable[[], bytes]) -> CrlSnapshot:
-        """Run build() and publish its DER if it is an acceptable successor."""
-        with self._rebuild_lock:
-            try:
-                published = self._check(build())
-            except Exception as exc:  # any failure at all keeps the last good CRL
-                self.failed_rebuilds += 1
-                self.last_error = f"CRL rebuild failed: {type(exc).__name__}: {exc}"
-                raise
-            self._published, self.last_error = published, None
-            return published
-
-    def _check(self, der: bytes) -> CrlSnapshot:
-        crl = x509.load_der_x509_crl(der)
-        if crl.issuer != self._issuer.subject:
-            raise ValueError("CRL issuer does not match the CA certificate")
-        if not crl.is_signature_valid(self._issuer.public_key()):  # type: ignore[arg-type]
-            raise ValueError("CRL signature does not verify with the CA public key")
-        crl_number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-        previous = self._published
-        if previous is not None and crl_number <= previous.crl_number:
-            raise ValueError(f"CRL number {crl_number} does not increase on "
-                             f"{previous.crl_number} (RFC 5280 5.2.3)")
-        if crl.next_update_utc is None:
-            raise ValueError("CRL has no nextUpdate (RFC 5280 5.1.2.5)")
-        return CrlSnapshot(der=der, built_at=self._clock(), crl_number=crl_number,
-                            this_update=crl.last_update_utc, next_update=crl.next_update_utc,
-                            entries=len(crl))
+    crl = x509.load_der_x509_crl(der)
+    if crl.issuer != issuer_certificate.subject:
+        raise ValueError("CRL issuer does not match the CA certificate")
+    if not crl.is_signature_valid(issuer_certificate.public_key()):  # type: ignore[arg-type]
+        raise ValueError("CRL signature does not verify with the CA public key")
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    if previous_number is not None and number <= previous_number:
+        raise ValueError(f"CRL number {number} does not increase on {previous_number} "
+                         "(RFC 5280 5.2.3)")
+    if crl.next_update_utc is None:
+        raise ValueError("CRL has no nextUpdate (RFC 5280 5.1.2.5)")
+    return crl

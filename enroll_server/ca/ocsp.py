@@ -161,6 +161,15 @@ def parse_ocsp_request(request_der: bytes) -> list[OcspCertId]:
     return _decode(request_der)[0]
 
 
+def _single_request(request_der: bytes) -> tuple[OcspCertId, bytes | None] | None:
+    """(CertID, nonce) of a request for exactly one certificate (module doc), else None."""
+    try:
+        cert_ids, nonce = _decode(request_der)
+    except OcspRequestError:
+        return None
+    return (cert_ids[0], nonce) if len(cert_ids) == 1 else None
+
+
 def _unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:
     """An OCSPResponse without responseBytes (RFC 6960 4.2.1)."""
     return ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(
@@ -246,13 +255,8 @@ class OcspResponder:
 
     def respond(self, request_der: bytes) -> bytes:
         """A DER OCSPResponse for request_der; never raises for a bad request."""
-        try:
-            cert_ids, nonce = _decode(request_der)
-        except OcspRequestError:
-            return malformed_request_response()
-        if len(cert_ids) != 1:
-            return malformed_request_response()  # one certificate per request (module doc)
-        return self.answer(cert_ids[0], nonce)
+        request = _single_request(request_der)
+        return malformed_request_response() if request is None else self.answer(*request)
 
     def knows(self, cert_id: OcspCertId) -> bool:
         """Whether cert_id names this responder's CA (issuer name and key hashes)."""
@@ -366,13 +370,10 @@ class OcspDispatcher:
 
     def respond(self, request_der: bytes) -> bytes:
         """A DER OCSPResponse for request_der; never raises for a bad request."""
-        try:
-            cert_ids, nonce = _decode(request_der)
-        except OcspRequestError:
+        request = _single_request(request_der)
+        if request is None:
             return malformed_request_response()
-        if len(cert_ids) != 1:
-            return malformed_request_response()  # one certificate per request (module doc)
-        return self.responder_for(cert_ids[0]).answer(cert_ids[0], nonce)
+        return self.responder_for(request[0]).answer(*request)
 
     def responder_for(self, cert_id: OcspCertId) -> OcspResponder:
         for responder in self.responders.values():

@@ -13,8 +13,6 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 
-import peewee as pw
-
 from ..ca.delegated import Delegate
 from ..config import NoticeSettings
 from ..store.models import Device, OutboxMessage
@@ -26,11 +24,6 @@ class NoticeIssuer:
         self.settings = settings
         self.signer = signer
         self.topic_prefix = topic_prefix
-
-    def _topic(self, topic: str) -> str:
-        # notices.topic_for uses the "fleet/" prefix; an instance may choose another.
-        return self.topic_prefix + topic[len("fleet"):] if self.topic_prefix != "fleet" \
-            else topic
 
     def enqueue(self, device: Device, kind: str, serial: int | str, now: dt.datetime,
                 reason: str | None = None,
@@ -47,10 +40,10 @@ class NoticeIssuer:
                         expires_at=now + dt.timedelta(days=self.settings.ttl_days),
                         group=group, reason=reason, extra=dict(extra or {}))
         token = sign_notice(notice, self.signer.key, self.signer.chain)
-        rows = [{"topic": self._topic(topic_for(group, device.device_id)), "payload": token,
+        rows = [{"topic": topic_for(group, device.device_id, self.topic_prefix), "payload": token,
                  "retain": True, "kind": kind, "device_id": device.device_id}]
         if kind == "revocation":
-            rows.append({"topic": self._topic(fleet_revocation_topic(group)),
+            rows.append({"topic": fleet_revocation_topic(group, self.topic_prefix),
                          "payload": token, "retain": False, "kind": kind,
                          "device_id": device.device_id})
         naive_now = now.astimezone(dt.UTC).replace(tzinfo=None)
@@ -58,8 +51,3 @@ class NoticeIssuer:
             row |= {"created_at": naive_now, "available_at": naive_now}
         OutboxMessage.insert_many(rows).execute()
         return notice
-
-
-def pending_notices(limit: int = 100) -> pw.ModelSelect:
-    return (OutboxMessage.select().where(OutboxMessage.sent_at.is_null())
-            .order_by(OutboxMessage.id).limit(limit))

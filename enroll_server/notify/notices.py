@@ -43,10 +43,10 @@ TPM_ENROLL_OID_ARC = "2.25.239345125169379312074460888417539569493"
 NOTICE_SIGNING_EKU = x509.ObjectIdentifier(f"{TPM_ENROLL_OID_ARC}.1")
 
 # MQTT topics (MQTT 5.0 4.7): device ids and group names are single topic levels.
-NOTICE_TOPIC = "fleet/{group}/devices/{device_id}/notices"
+NOTICE_TOPIC = "{prefix}/{group}/devices/{device_id}/notices"
 # Gateways subscribe here. It carries the same per-device revocation JWS that goes to the
 # device's own topic: its audience stays the revoked device.
-FLEET_REVOCATION_TOPIC = "fleet/{group}/revocations"
+FLEET_REVOCATION_TOPIC = "{prefix}/{group}/revocations"
 
 # JWS alg (RFC 7518 3.1) for each notice-signing curve, with its hash (RFC 7518 3.4).
 _ALGORITHMS: dict[str, tuple[str, hashes.HashAlgorithm]] = {
@@ -70,17 +70,18 @@ def _check_device_id(device_id: str) -> None:
         raise ValueError("device id is not topic safe")
 
 
-def topic_for(group: str, device_id: str) -> str:
-    """The device's own notice topic: fleet/<group>/devices/<device_id>/notices."""
+def topic_for(group: str, device_id: str, prefix: str = "fleet") -> str:
+    """The device's own notice topic: <prefix>/<group>/devices/<device_id>/notices
+    (prefix: mqtt.topic_prefix, "fleet" by default)."""
     _check_group(group)
     _check_device_id(device_id)
-    return NOTICE_TOPIC.format(group=group, device_id=device_id)
+    return NOTICE_TOPIC.format(prefix=prefix, group=group, device_id=device_id)
 
 
-def fleet_revocation_topic(group: str) -> str:
-    """The group's revocation topic for gateways: fleet/<group>/revocations."""
+def fleet_revocation_topic(group: str, prefix: str = "fleet") -> str:
+    """The group's revocation topic for gateways: <prefix>/<group>/revocations."""
     _check_group(group)
-    return FLEET_REVOCATION_TOPIC.format(group=group)
+    return FLEET_REVOCATION_TOPIC.format(prefix=prefix, group=group)
 
 
 def _numeric_date(moment: dt.datetime) -> int:

@@ -51,6 +51,11 @@ def est_body(der: bytes) -> bytes:
     return base64.encodebytes(der)
 
 
+def csr_body(key, subject) -> bytes:
+    """An EST simpleenroll body for a CSR of ``key`` with CN ``subject``."""
+    return est_body(csr_der(make_csr(key, subject)))
+
+
 def key_pem(key) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())

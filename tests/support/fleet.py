@@ -1,5 +1,8 @@
 """A served instance with its broker and relay: the whole revocation loop, for tests.
 
+Its fixtures ``instance`` and ``rig`` are module-scoped (each test module gets its own
+instance, broker and relay) and registered for every test module by tests/conftest.py.
+
     RevocationRig: instance (SoftHSM CA) + `enroll-server broker-config` + a private
     Mosquitto running that configuration + `enroll-server relay` as a subprocess; devices
     enrolled by token with software keys (files, for mosquitto_sub / openssl).
@@ -12,10 +15,12 @@ import signal
 import ssl
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 from cryptography.hazmat.primitives import serialization
 
 from device_sdk.est import decode_certs_only
@@ -123,3 +128,25 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.1) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+@pytest.fixture(scope="module")
+def instance() -> Iterator[ServedInstance]:
+    """A served instance of the module's own (its CRLs and broker state are the module's)."""
+    served = ServedInstance()
+    try:
+        with served:
+            yield served
+    finally:
+        served.cleanup()
+
+
+@pytest.fixture(scope="module")
+def rig(instance: ServedInstance, tmp_path_factory: pytest.TempPathFactory
+        ) -> Iterator[RevocationRig]:  # fmt: skip
+    """broker-config + Mosquitto + relay around ``instance``."""
+    fleet = RevocationRig(instance, tmp_path_factory.mktemp("fleet"))
+    try:
+        yield fleet.start()
+    finally:
+        fleet.close()
