@@ -3,15 +3,14 @@
 EK certificates (TCG EK Credential Profile for TPM Family 2.0, section 3) are not web PKI
 certificates: the subject is empty, the subjectAltName is a *critical* directoryName with
 tcg-at-tpmManufacturer/Model/Version, keyUsage is keyEncipherment (RSA) or keyAgreement
-(ECC), and the EKU, when present, is tcg-kp-EKCertificate (2.23.133.8.1). cryptography's
-``PolicyBuilder().build_client_verifier()`` refuses them by default ("required EKU not
-found"), and its web PKI CA profile (CA/B Forum rules) would also refuse vendor CA
-certificates that predate those rules. So the path is built here, RFC 5280 6.1 reduced to
-what EK chains need: issuer name + signature (``verify_directly_issued_by``), validity of
-every certificate at ``now``, CA:true and keyCertSign on issuers, pathLenConstraint,
-SHA-2 signatures, no unhandled critical extension, and a maximum depth. Name constraints
-and policy processing are not implemented: a certificate that marks them critical is
-refused (fail closed).
+(ECC), and the EKU, when present, is tcg-kp-EKCertificate (2.23.133.8.1). Vendor CA
+certificates carry encodings a strict DER parser refuses (``ek_cert``). So the path is
+built here, RFC 5280 6.1 reduced to what EK chains need, the same way for every
+certificate: issuer name (RFC 5280 7.1 comparison) + signature over the exact tbs bytes,
+validity of every certificate at ``now``, CA:true and keyCertSign on issuers,
+pathLenConstraint, SHA-2 signatures, RSA >= 2048 bits, no unhandled critical extension,
+and a maximum depth. Name constraints and policy processing are not implemented: a
+certificate that marks them critical is refused (fail closed).
 """
 
 from __future__ import annotations
@@ -20,14 +19,19 @@ import datetime as dt
 import hmac
 from collections.abc import Iterable, Sequence
 
+from asn1crypto import x509 as asn1_x509
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtensionOID
 from tpm2_pytss.constants import TPMA_OBJECT
 from tpm2_pytss.types import TPMT_PUBLIC
 
+from enroll_server.attestation.ek_cert import (
+    CertificateProblem,
+    EkCertificate,
+    as_ek_certificate,
+    load_certificate_bytes,
+    signature_problem,
+)
 from enroll_server.attestation.tpm_structs import (
     key_identity,
     parse_public,
@@ -46,14 +50,13 @@ from enroll_server.attestation.verdict import (
 
 TCG_KP_EK_CERTIFICATE = x509.ObjectIdentifier("2.23.133.8.1")  # EK Credential Profile 5
 DEFAULT_MAX_DEPTH = 5  # certificates in a path, leaf and trust anchor included
+MAX_CHAIN_CERTIFICATES = 8  # untrusted intermediates a device may send (ek_chain)
+_BASIC_CONSTRAINTS, _KEY_USAGE, _EKU, _SAN = "2.5.29.19", "2.5.29.15", "2.5.29.37", "2.5.29.17"
 _HANDLED_EXTENSIONS = frozenset({
-    ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE, ExtensionOID.EXTENDED_KEY_USAGE,
-    ExtensionOID.SUBJECT_ALTERNATIVE_NAME, ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
-    ExtensionOID.SUBJECT_KEY_IDENTIFIER, ExtensionOID.CERTIFICATE_POLICIES,
-    ExtensionOID.SUBJECT_DIRECTORY_ATTRIBUTES, ExtensionOID.CRL_DISTRIBUTION_POINTS,
-    ExtensionOID.AUTHORITY_INFORMATION_ACCESS,
+    _BASIC_CONSTRAINTS, _KEY_USAGE, _EKU, _SAN, "2.5.29.35", "2.5.29.14", "2.5.29.32",
+    "2.5.29.9", "2.5.29.31", "1.3.6.1.5.5.7.1.1",
 })  # fmt: skip
-_SIGNATURE_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
+_ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 # TCG EK templates (EK Credential Profile 2.0, B.3): a restricted decryption key bound to
 # this TPM. userWithAuth/adminWithPolicy differ between low and high range templates.
 EK_REQUIRED_ATTRIBUTES = (
@@ -61,143 +64,153 @@ EK_REQUIRED_ATTRIBUTES = (
     | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT
 )  # fmt: skip
 
+Certificate = EkCertificate | x509.Certificate
 
-def load_ek_certificate(data: bytes, field: str = "ek_certificate") -> x509.Certificate:
+
+def load_ek_certificate(data: bytes, field: str = "ek_certificate") -> EkCertificate:
     """One DER certificate; NV padding after it (all 0x00 or all 0xFF) is tolerated.
 
     Some TPMs return the whole EK certificate NV index (TCG EK Credential Profile 2.2.1.5)
-    padded past the DER length; any other trailing byte is refused.
+    padded past the DER length (STMicro pads to 1600 bytes with 0xFF); any other trailing
+    byte is refused. Vendor encoding quirks are read as ``ek_cert`` explains.
     """
-    if not isinstance(data, bytes) or len(data) < 4 or data[0] != 0x30:
-        raise MalformedEvidence(field, "not a DER certificate")
-    if data[1] < 0x80:
-        length = 2 + data[1]
-    else:
-        octets = data[1] & 0x7F
-        if octets < 1 or octets > 3 or len(data) < 2 + octets:
-            raise MalformedEvidence(field, "not a DER certificate")
-        length = 2 + octets + int.from_bytes(data[2:2 + octets], "big")
-    padding = data[length:]
-    if length > len(data):
-        raise MalformedEvidence(field, "truncated")
-    if padding.strip(b"\x00") and padding.strip(b"\xff"):
-        raise MalformedEvidence(field, f"{len(padding)} trailing bytes after the certificate")
-    try:
-        return x509.load_der_x509_certificate(data[:length])
-    except ValueError as exc:
-        raise MalformedEvidence(field, "not a DER certificate", detail=f"{field}: {exc}") from exc
+    return load_certificate_bytes(data, field)
 
 
-def _describe(certificate: x509.Certificate) -> str:
-    subject = certificate.subject.rfc4514_string() or "<empty subject>"
-    return f"{subject} (serial {certificate.serial_number:x})"
+def load_ek_chain(blobs: Sequence[bytes], field: str = "ek_chain") -> list[EkCertificate]:
+    """The untrusted EK CA certificates a device read from its NV chain indices."""
+    if len(blobs) > MAX_CHAIN_CERTIFICATES:
+        raise MalformedEvidence(field, f"more than {MAX_CHAIN_CERTIFICATES} certificates")
+    return [load_certificate_bytes(blob, field) for blob in blobs]
 
 
-def _valid_at(certificate: x509.Certificate, now: dt.datetime) -> bool:
+def _describe(certificate: EkCertificate) -> str:
+    return certificate.describe()
+
+
+def _valid_at(certificate: EkCertificate, now: dt.datetime) -> bool:
     return certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc
 
 
-def _extension_problem(certificate: x509.Certificate) -> str | None:
-    """Unparseable extensions or critical ones this verifier does not process."""
-    try:
-        extensions = certificate.extensions
-    except ValueError as exc:  # duplicate or undecodable extension
-        return f"bad extensions: {exc}"
-    for extension in extensions:
+def _extension_problem(certificate: EkCertificate) -> str | None:
+    """Critical extensions this verifier does not process, or handled ones it cannot read."""
+    for extension in certificate.extensions:
         if extension.critical and extension.oid not in _HANDLED_EXTENSIONS:
-            return f"unhandled critical extension {extension.oid.dotted_string}"
+            return f"unhandled critical extension {extension.oid}"
+    try:
+        for oid, spec in ((_BASIC_CONSTRAINTS, asn1_x509.BasicConstraints),
+                          (_KEY_USAGE, asn1_x509.KeyUsage),
+                          (_EKU, asn1_x509.ExtKeyUsageSyntax),
+                          (_SAN, asn1_x509.GeneralNames)):
+            extension = certificate.extension(oid)
+            if extension is not None:
+                spec.load(extension.value, strict=True).native  # noqa: B018 (parse all)
+    except (ValueError, TypeError, KeyError) as exc:
+        return f"unreadable extension: {exc}"
     return None
 
 
-def _signature_problem(child: x509.Certificate, issuer: x509.Certificate) -> str | None:
-    try:
-        if not isinstance(child.signature_hash_algorithm, _SIGNATURE_HASHES):
-            return f"signature hash {child.signature_hash_algorithm} not allowed"
-        child.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        return f"signature by {_describe(issuer)} does not verify: {exc!r}"
-    return None
-
-
-def _issuer_problem(issuer: x509.Certificate, intermediates_below: int) -> str | None:
-    """RFC 5280 6.1.4 (k), (l), (n) for a certificate that signed another one."""
-    problem = _extension_problem(issuer)
-    if problem:
-        return problem
-    extensions = issuer.extensions
-    try:
-        constraints = extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        return "issuer has no basicConstraints"
-    if not constraints.ca:
-        return "issuer is not a CA (basicConstraints CA:false)"
-    if constraints.path_length is not None and intermediates_below > constraints.path_length:
-        return f"pathLenConstraint {constraints.path_length} exceeded"
-    try:
-        if not extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign:
-            return "issuer keyUsage lacks keyCertSign"
-    except x509.ExtensionNotFound:
-        pass
-    key = issuer.public_key()
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
-        return f"issuer RSA key of {key.key_size} bits"
-    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-        return f"issuer key type {type(key).__name__} not allowed"
-    return None
-
-
-def _leaf_problem(leaf: x509.Certificate) -> str | None:
-    problem = _extension_problem(leaf)
-    if problem:
-        return problem
-    try:
-        if leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
-            return "EK certificate is a CA certificate"
-    except x509.ExtensionNotFound:
-        pass
-    try:
-        usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
+def _basic_constraints(certificate: EkCertificate) -> tuple[bool, int | None] | None:
+    extension = certificate.extension(_BASIC_CONSTRAINTS)
+    if extension is None:
         return None
-    if TCG_KP_EK_CERTIFICATE not in usages:
+    value = asn1_x509.BasicConstraints.load(extension.value).native
+    return bool(value["ca"]), value["path_len_constraint"]
+
+
+def _key_usage(certificate: EkCertificate) -> set[str] | None:
+    extension = certificate.extension(_KEY_USAGE)
+    return None if extension is None else set(asn1_x509.KeyUsage.load(extension.value).native)
+
+
+def _key_problem(certificate: EkCertificate) -> str | None:
+    try:
+        key = certificate.public_key()
+    except CertificateProblem as exc:
+        return str(exc)
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
+        return f"RSA key of {key.key_size} bits"
+    if isinstance(key, ec.EllipticCurvePublicKey) and not isinstance(key.curve,
+                                                                       _ALLOWED_CURVES):
+        return f"curve {key.curve.name} not allowed"
+    return None
+
+
+def _issuer_problem(issuer: EkCertificate, intermediates_below: int) -> str | None:
+    """RFC 5280 6.1.4 (k), (l), (n) for a certificate that signed another one."""
+    problem = _extension_problem(issuer) or _key_problem(issuer)
+    if problem:
+        return problem
+    constraints = _basic_constraints(issuer)
+    if constraints is None:
+        return "issuer has no basicConstraints"
+    is_ca, path_length = constraints
+    if not is_ca:
+        return "issuer is not a CA (basicConstraints CA:false)"
+    if path_length is not None and intermediates_below > path_length:
+        return f"pathLenConstraint {path_length} exceeded"
+    usage = _key_usage(issuer)
+    if usage is not None and "key_cert_sign" not in usage:
+        return "issuer keyUsage lacks keyCertSign"
+    return None
+
+
+def _leaf_problem(leaf: EkCertificate) -> str | None:
+    problem = _extension_problem(leaf) or _key_problem(leaf)
+    if problem:
+        return problem
+    constraints = _basic_constraints(leaf)
+    if constraints is not None and constraints[0]:
+        return "EK certificate is a CA certificate"
+    extension = leaf.extension(_EKU)
+    if extension is None:
+        return None
+    usages = [purpose.dotted for purpose in asn1_x509.ExtKeyUsageSyntax.load(extension.value)]
+    if TCG_KP_EK_CERTIFICATE.dotted_string not in usages:
         return "extendedKeyUsage present without tcg-kp-EKCertificate"
     return None
 
 
 def verify_ek_certificate(
-    ek_certificate: x509.Certificate, trusted_roots: Sequence[x509.Certificate],
-    intermediates: Sequence[x509.Certificate] = (), *, now: dt.datetime,
+    ek_certificate: Certificate, trusted_roots: Sequence[Certificate],
+    intermediates: Sequence[Certificate] = (), *, now: dt.datetime,
     max_depth: int = DEFAULT_MAX_DEPTH,
-) -> list[x509.Certificate]:  # fmt: skip
+) -> list[EkCertificate]:  # fmt: skip
     """The path EK certificate -> ... -> trusted root, or EkUntrusted / EkExpired.
 
     ``trusted_roots`` are the configured manufacturer trust anchors (usually self-signed
     roots; an EK issuing CA may be configured as an anchor too). ``intermediates`` are
-    untrusted helpers, e.g. sent by the device or fetched from the AIA URL. Every
-    certificate in the path must be valid at ``now`` (timezone aware). Depth-first over
-    the candidates whose subject equals the issuer name; the first complete path wins.
-    Trust is decided first: an expired certificate from an unknown CA is ek.untrusted,
-    ek.expired means the path exists but a certificate on it is outside its validity.
+    untrusted helpers, e.g. the vendor intermediates of the built-in store or the chain the
+    device read from its NV. Every certificate in the path must be valid at ``now``
+    (timezone aware). Depth-first over the candidates whose subject matches the issuer
+    name; the first complete path wins. Trust is decided first: an expired certificate
+    from an unknown CA is ek.untrusted, ek.expired means the path exists but a certificate
+    on it is outside its validity.
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone aware")
-    problem = _leaf_problem(ek_certificate)
+    leaf = as_ek_certificate(ek_certificate)
+    problem = _leaf_problem(leaf)
     if problem:
-        raise EkUntrusted(detail=f"EK certificate {_describe(ek_certificate)}: {problem}")
-    anchors = {root.fingerprint(hashes.SHA256()) for root in trusted_roots}
-    pool = list(trusted_roots) + [c for c in intermediates
-                                  if c.fingerprint(hashes.SHA256()) not in anchors]
+        raise EkUntrusted(detail=f"EK certificate {_describe(leaf)}: {problem}")
+    roots = [as_ek_certificate(root) for root in trusted_roots]
+    anchors = {root.fingerprint_sha256 for root in roots}
+    pool = roots + [c for c in map(as_ek_certificate, intermediates)
+                    if c.fingerprint_sha256 not in anchors]
     problems: list[str] = []
     expired: list[str] = []
 
-    def extend(path: list[x509.Certificate]) -> list[x509.Certificate] | None:
+    def extend(path: list[EkCertificate]) -> list[EkCertificate] | None:
         child = path[-1]
-        seen = {c.fingerprint(hashes.SHA256()) for c in path}
+        seen = {c.fingerprint_sha256 for c in path}
         for issuer in pool:
-            fingerprint = issuer.fingerprint(hashes.SHA256())
-            if issuer.subject != child.issuer or fingerprint in seen:
+            fingerprint = issuer.fingerprint_sha256
+            if issuer.subject_key != child.issuer_key or fingerprint in seen:
                 continue
-            problem = _signature_problem(child, issuer) or _issuer_problem(issuer, len(path) - 1)
+            problem = _issuer_problem(issuer, len(path) - 1)
+            if not problem:
+                signature = signature_problem(child, issuer.public_key())
+                problem = signature and f"signature by {_describe(issuer)}: {signature}"
             if problem:
                 problems.append(f"{_describe(child)} <- {_describe(issuer)}: {problem}")
                 continue
@@ -215,17 +228,17 @@ def verify_ek_certificate(
                 return found
         return None
 
-    path = extend([ek_certificate])
+    path = extend([leaf])
     if path is not None:
-        if not _valid_at(ek_certificate, now):
-            raise EkExpired(detail=f"EK certificate {_describe(ek_certificate)} valid "
-                                   f"{ek_certificate.not_valid_before_utc} .. "
-                                   f"{ek_certificate.not_valid_after_utc}, now {now}")  # fmt: skip
+        if not _valid_at(leaf, now):
+            raise EkExpired(detail=f"EK certificate {_describe(leaf)} valid "
+                                   f"{leaf.not_valid_before_utc} .. "
+                                   f"{leaf.not_valid_after_utc}, now {now}")  # fmt: skip
         return path
     if expired:
         raise EkExpired(detail="; ".join(expired + problems))
-    raise EkUntrusted(detail=f"no path from {_describe(ek_certificate)} issued by "
-                             f"{ek_certificate.issuer.rfc4514_string()} to a trusted root"
+    raise EkUntrusted(detail=f"no path from {_describe(leaf)} issued by {leaf.issuer_text} "
+                             "to a trusted root"
                              + (": " + "; ".join(problems) if problems else ""))  # fmt: skip
 
 
@@ -238,15 +251,17 @@ def check_ek_attributes(ek_public: TPMT_PUBLIC) -> None:
         raise EkAttributes(detail=f"EK objectAttributes {attributes!s}")
 
 
-def check_ek_public(ek_public: bytes, ek_certificate: x509.Certificate) -> TPMT_PUBLIC:
+def check_ek_public(ek_public: bytes, ek_certificate: Certificate) -> TPMT_PUBLIC:
     """The EK public area (TPM2B_PUBLIC) has EK attributes and the certificate's key."""
     public = parse_public(ek_public, "ek_public")
     check_ek_attributes(public)
     tpm_key = spki_der(public_key(public, "ek_public"))
-    certificate_key = ek_certificate.public_key()
-    if not isinstance(certificate_key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey) or (
-        not hmac.compare_digest(tpm_key, spki_der(certificate_key))
-    ):
+    ek_certificate = as_ek_certificate(ek_certificate)
+    try:
+        certificate_key = ek_certificate.public_key()
+    except CertificateProblem:
+        certificate_key = None
+    if certificate_key is None or not hmac.compare_digest(tpm_key, spki_der(certificate_key)):
         raise EkPublicMismatch(detail=f"EK public {key_identity(public_key(public))} vs "
                                       f"certificate {_describe(ek_certificate)}")  # fmt: skip
     return public
@@ -275,7 +290,7 @@ def load_ek_crls(data: bytes) -> list[x509.CertificateRevocationList]:
 
 
 def check_ek_revocation(
-    path: Sequence[x509.Certificate], crls: Sequence[x509.CertificateRevocationList],
+    path: Sequence[Certificate], crls: Sequence[x509.CertificateRevocationList],
 ) -> None:  # fmt: skip
     """No certificate on the EK path is on a CRL of its issuer (SECURITY-CHECKLIST 9).
 
@@ -284,10 +299,12 @@ def check_ek_revocation(
     ignored. CRLs are configured by the operator (`group set-ek-crls`) and refreshed by
     them: the verifier does no network I/O, so a CRL past its nextUpdate still counts.
     """
+    path = [as_ek_certificate(certificate) for certificate in path]
     for child, issuer in zip(path, path[1:], strict=False):
         for crl in crls:
-            if crl.issuer != issuer.subject or not crl.is_signature_valid(
-                    issuer.public_key()):  # type: ignore[arg-type]
+            crl_issuer = asn1_x509.Name.load(crl.issuer.public_bytes()).hashable
+            if crl_issuer != issuer.subject_key or not crl.is_signature_valid(
+                    issuer.public_key()):
                 continue
             entry = crl.get_revoked_certificate_by_serial_number(child.serial_number)
             if entry is not None:
