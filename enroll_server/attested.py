@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from . import attestation as att
+from . import ek_vendors
 from .attestation.quote import PcrMap
 from .config import Settings
 from .enrollment import EnrollmentService, RequestContext, key_policy
@@ -58,6 +59,7 @@ class ChallengeRequest:
     ek_public: bytes
     ak_public: bytes
     ek_certificate: bytes | None = None
+    ek_chain: tuple[bytes, ...] | list[bytes] = ()
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,16 @@ def pcr_policy(group: EnrollmentGroup) -> PcrMap | None:
     return att.pcr_policy_from_json(json.loads(group.pcr_policy)) if group.pcr_policy else None
 
 
-def ek_trust_anchors(group: EnrollmentGroup) -> list[x509.Certificate]:
-    """Every certificate the operator configured (roots and EK issuing CAs) is an anchor."""
-    return list(_parsed_roots(group.ek_roots_pem))
+def ek_trust_anchors(group: EnrollmentGroup) -> list[att.EkCertificate]:
+    """Every certificate the operator configured (roots and EK issuing CAs) is an anchor,
+    and so is every anchor of the built-in store's vendors the group trusts."""
+    return list(_parsed_roots(group.ek_roots_pem)) + list(
+        ek_vendors.trust_for(group.ek_vendors or "")[0])
+
+
+def ek_vendor_intermediates(group: EnrollmentGroup) -> list[att.EkCertificate]:
+    """Vendor EK issuing CAs of the built-in store: untrusted helpers, never anchors."""
+    return list(ek_vendors.trust_for(group.ek_vendors or "")[1])
 
 
 def ek_crls(group: EnrollmentGroup) -> list[x509.CertificateRevocationList]:
@@ -102,8 +111,8 @@ def ek_crls(group: EnrollmentGroup) -> list[x509.CertificateRevocationList]:
 # Parsed once per distinct configuration, not on every challenge: manufacturer CRLs can
 # hold many thousands of entries. Keyed by the stored text, so a change is seen at once.
 @functools.lru_cache(maxsize=16)
-def _parsed_roots(pem: str) -> tuple[x509.Certificate, ...]:
-    return tuple(x509.load_pem_x509_certificates(pem.encode())) if pem.strip() else ()
+def _parsed_roots(pem: str) -> tuple[att.EkCertificate, ...]:
+    return tuple(att.load_pem_certificates(pem)) if pem.strip() else ()
 
 
 @functools.lru_cache(maxsize=16)
@@ -162,7 +171,9 @@ class AttestationService:
             certificate = att.load_ek_certificate(request.ek_certificate)
             att.check_ek_public(request.ek_public, certificate)
             if group.ek_policy != "allowlist":
-                path = att.verify_ek_certificate(certificate, ek_trust_anchors(group), now=now)
+                chain = att.load_ek_chain(list(request.ek_chain))
+                path = att.verify_ek_certificate(certificate, ek_trust_anchors(group),
+                                                 ek_vendor_intermediates(group) + chain, now=now)
                 att.check_ek_revocation(path, ek_crls(group))
         elif group.ek_policy != "allowlist":
             raise att.MalformedEvidence("ek_certificate", "required: this enrollment group "

@@ -109,4 +109,4 @@ def run() -> None:
         sys.exit(2)
 
 
-from . import cli_broker, cli_ca, cli_ops, cli_revoke, cli_tpm  # noqa: E402,F401,I001
+from . import cli_broker, cli_ca, cli_ops, cli_revoke, cli_tpm, cli_vendors  # noqa: E402,F401,I001

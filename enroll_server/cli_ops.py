@@ -88,7 +88,8 @@ def group_or_fail(repository, name: str):  # -> EnrollmentGroup
 Examples:
   enroll-server group create factory-a --auth bootstrap --bootstrap-ca idevid-ca.pem
   enroll-server group create lab --lifetime-days 30 --key-types ec-p256 --approval
-  enroll-server group create fleet --auth tpm --ek-roots tpm-vendor-roots.pem
+  enroll-server group create fleet --auth tpm --ek-vendors infineon,stmicro,nuvoton
+  enroll-server group create lab --auth tpm --ek-roots tpm-vendor-roots.pem
   enroll-server group allow-ek fleet --ek-cert ek.der
   enroll-server group set-pcrs fleet --pcrread reference-pcrs.yaml
   enroll-server group list --json
@@ -111,14 +112,20 @@ def group() -> None:
 @click.option("--ek-roots", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="PEM bundle of TPM manufacturer roots (and intermediates) trusted for "
                    "EK certificates (--auth tpm).")
+@click.option("--ek-vendors", default="",
+              help="TPM vendors of the built-in trust store, comma separated, e.g. "
+                   "infineon,stmicro (`enroll-server ek-vendors list`).")
 @click.option("--ek-policy", type=click.Choice(["manufacturer", "allowlist"]),
               default="manufacturer", show_default=True,
               help="Any genuine TPM of those manufacturers, or only allowlisted EKs.")
 @pass_context
 def group_create(ctx: Context, name: str, auth: str, lifetime_days: int, key_types: str,
                  min_rsa_bits: int, bootstrap_ca: Path | None, approval: bool,
-                 ek_roots: Path | None, ek_policy: str) -> None:
+                 ek_roots: Path | None, ek_vendors: str, ek_policy: str) -> None:
     """Create an enrollment group (its name is the EST label)."""
+    from .cli_vendors import read_ek_roots, vendor_list
+
+    vendors = vendor_list(ek_vendors)
     if not GROUP_NAME_PATTERN.fullmatch(name):
         raise click.BadParameter("lower-case letters, digits, '-' and '_' (max 64)",
                                  param_hint="NAME")
@@ -130,10 +137,10 @@ def group_create(ctx: Context, name: str, auth: str, lifetime_days: int, key_typ
         raise click.BadParameter(f"choose from {', '.join(KEY_TYPES)}",
                                  param_hint="--key-types")
     bundle = read_pem_bundle(bootstrap_ca, "--bootstrap-ca")
-    ek_bundle = read_pem_bundle(ek_roots, "--ek-roots")
-    if "tpm" in methods and not ek_bundle and ek_policy == "manufacturer":
-        raise click.BadParameter("TPM attestation needs --ek-roots (or --ek-policy "
-                                 "allowlist)", param_hint="--auth")
+    ek_bundle = read_ek_roots(ek_roots)
+    if "tpm" in methods and not (ek_bundle or vendors) and ek_policy == "manufacturer":
+        raise click.BadParameter("TPM attestation needs --ek-vendors or --ek-roots (or "
+                                 "--ek-policy allowlist)", param_hint="--auth")
     if "bootstrap" in methods and not bundle:
         raise click.BadParameter("bootstrap authentication needs --bootstrap-ca",
                                  param_hint="--auth")
@@ -143,7 +150,7 @@ def group_create(ctx: Context, name: str, auth: str, lifetime_days: int, key_typ
                                 lifetime_days=lifetime_days, key_types=",".join(types),
                                 min_rsa_bits=min_rsa_bits, requires_approval=approval,
                                 bootstrap_ca_pem=bundle, ek_roots_pem=ek_bundle,
-                                ek_policy=ek_policy)
+                                ek_vendors=",".join(vendors), ek_policy=ek_policy)
     except EnrollError as error:
         fail(error)
     repository.audit(actor=operator(), action="group.create", outcome="success", group=name,

@@ -1,6 +1,7 @@
 """Operator commands for TPM attestation: EK allowlists, golden PCRs, evidence, AK pins.
 
-    enroll-server group allow-ek GROUP (--ek-cert F | --ek-public F | --ek-sha256 HEX)
+    enroll-server group allow-ek GROUP (--ek-cert F | --ek-public F | --ek-sha256 HEX
+                                        | --from CSV-or-directory)
     enroll-server group set-pcrs GROUP --pcrread F [--pcrs sha256:0,1,2,7] | --clear
     enroll-server devices evidence ID            (also: devices show ID --evidence)
     enroll-server devices unpin-ak ID
@@ -9,14 +10,16 @@
 from __future__ import annotations
 
 import base64
+import binascii
+import csv
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 import click
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from . import attestation as att
 from .cli_ops import (
@@ -41,10 +44,7 @@ def _ek_identity(ek_cert: Path | None, ek_public: Path | None, ek_sha256: str | 
         raise click.UsageError("give exactly one of --ek-cert, --ek-public, --ek-sha256")
     try:
         if ek_cert is not None:
-            data = ek_cert.read_bytes()
-            certificate = (x509.load_pem_x509_certificate(data) if data.startswith(b"-----")
-                           else att.load_ek_certificate(data))
-            return att.key_identity(certificate.public_key())
+            return _certificate_identity(ek_cert.read_bytes())
         if ek_public is not None:
             return att.ek_identity(ek_public.read_bytes())
     except (ValueError, EnrollError) as error:
@@ -56,11 +56,94 @@ def _ek_identity(ek_cert: Path | None, ek_public: Path | None, ek_sha256: str | 
     return identity
 
 
+def _certificate_identity(data: bytes) -> str:
+    certificate = (att.load_pem_certificates(data)[0] if data.lstrip().startswith(b"-----")
+                   else att.load_ek_certificate(data))
+    return att.key_identity(certificate.public_key())
+
+
+def _public_key_identity(data: bytes) -> str:
+    """A PEM/DER SubjectPublicKeyInfo (`tpm2_createek -f pem`) or a TPM2B_PUBLIC (`-u`)."""
+    if b"-----BEGIN PUBLIC KEY-----" in data:
+        key = serialization.load_pem_public_key(data)
+    elif data[:1] == b"\x30":
+        key = serialization.load_der_public_key(data)
+    else:
+        return att.ek_identity(data)
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise ValueError(f"{type(key).__name__} is not a TPM EK type")
+    return att.key_identity(key)
+
+
+def _file_identity(path: Path) -> str:
+    """One file of a directory of `tpm2_createek` / `tpm2_getekcertificate` outputs."""
+    data = path.read_bytes()
+    if b"CERTIFICATE-----" in data or path.suffix.lower() in (".crt", ".cer", ".der"):
+        return _certificate_identity(data)
+    return _public_key_identity(data)
+
+
+_CSV_COLUMNS = ("ek_sha256", "ek_public", "ek_certificate")
+
+
+def _csv_identity(row: dict[str, str]) -> str:
+    given = {name: (row.get(name) or "").strip() for name in _CSV_COLUMNS}
+    given = {name: value for name, value in given.items() if value}
+    if len(given) != 1:
+        raise ValueError(f"exactly one of {', '.join(_CSV_COLUMNS)} per row")
+    (name, value), = given.items()
+    if name == "ek_sha256":
+        if not _HEX64.fullmatch(value.lower()):
+            raise ValueError("ek_sha256 must be 64 hex digits")
+        return value.lower()
+    try:
+        data = base64.b64decode(value, validate=True)
+    except binascii.Error:
+        raise ValueError(f"{name} is not base64") from None
+    return _certificate_identity(data) if name == "ek_certificate" else _public_key_identity(data)
+
+
+def read_allowlist(source: Path) -> list[tuple[str, str]]:
+    """(EK identity, note) for every entry of a CSV or a directory; all or nothing.
+
+    CSV: a header row with one of ek_sha256 / ek_public (base64 TPM2B_PUBLIC or DER SPKI)
+    / ek_certificate (base64 DER) per row, and optionally note. Directory: every regular
+    file is a `tpm2_createek -u` TPM2B_PUBLIC, a `-f pem` public key or an EK certificate;
+    its name becomes the note.
+    """
+    entries, problems = [], []
+    if source.is_dir():
+        for path in sorted(p for p in source.iterdir() if p.is_file()):
+            try:
+                entries.append((_file_identity(path), path.name))
+            except (ValueError, EnrollError) as error:
+                problems.append(f"{path.name}: {error}")
+    else:
+        with source.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or not set(reader.fieldnames) & set(_CSV_COLUMNS):
+                raise click.BadParameter(f"a CSV header naming one of {', '.join(_CSV_COLUMNS)}"
+                                         " (and optionally note)", param_hint="--from")
+            for number, row in enumerate(reader, start=2):
+                try:
+                    entries.append((_csv_identity(row), (row.get("note") or "").strip()))
+                except (ValueError, EnrollError) as error:
+                    problems.append(f"line {number}: {error}")
+    if problems:
+        raise click.BadParameter("nothing imported; fix these entries first:\n  "
+                                 + "\n  ".join(problems[:20]), param_hint="--from")
+    if not entries:
+        raise click.BadParameter("no EK in it", param_hint="--from")
+    return entries
+
+
 @group.command("allow-ek", epilog="""\b
 Examples:
   enroll-server group allow-ek fleet --ek-cert ek.der --note "rack 4, unit 12"
   tpm2_createek -c ek.ctx -G ecc -u ek.pub && enroll-server group allow-ek fleet --ek-public ek.pub
   enroll-server group allow-ek fleet --ek-sha256 3f1c...e9 --remove
+  enroll-server group allow-ek fleet --from eks.csv        # header: ek_public,note
+  enroll-server group allow-ek fleet --from ./createek-outputs/   # ek.pub / ek.pem files
 """)
 @click.argument("group_name")
 @click.option("--ek-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -68,13 +151,20 @@ Examples:
 @click.option("--ek-public", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="EK TPM2B_PUBLIC as `tpm2_createek -u` writes it.")
 @click.option("--ek-sha256", help="The device id: hex SHA-256 of the EK public key (SPKI).")
+@click.option("--from", "source", type=click.Path(exists=True, path_type=Path),
+              help="Many EKs at once: a CSV, or a directory of tpm2_createek outputs.")
 @click.option("--note", default="", help="Free text kept with the entry.")
 @click.option("--remove", is_flag=True, help="Remove the EK from the allowlist instead.")
 @pass_context
 def group_allow_ek(ctx: Context, group_name: str, ek_cert: Path | None,
-                   ek_public: Path | None, ek_sha256: str | None, note: str,
-                   remove: bool) -> None:
-    """Allow one TPM (by its EK) to enroll in a group with --ek-policy allowlist."""
+                   ek_public: Path | None, ek_sha256: str | None, source: Path | None,
+                   note: str, remove: bool) -> None:
+    """Allow TPMs (by their EK) to enroll in a group with --ek-policy allowlist."""
+    if source is not None:
+        if ek_cert or ek_public or ek_sha256:
+            raise click.UsageError("--from replaces --ek-cert/--ek-public/--ek-sha256")
+        _allow_many(ctx, group_name, read_allowlist(source), note, remove)
+        return
     identity = _ek_identity(ek_cert, ek_public, ek_sha256)
     repository = ctx.repository()
     group_row = group_or_fail(repository, group_name)
@@ -93,6 +183,33 @@ def group_allow_ek(ctx: Context, group_name: str, ek_cert: Path | None,
     verb = "Removed" if remove else "Allowed"
     click.echo(f"{verb} EK {identity} {'from' if remove else 'in'} group {group_name!r}"
                f"{'' if changed else ' (no change)'}.")
+    if not remove and group_row.ek_policy != "allowlist":
+        click.echo("Note: this group trusts any TPM of its manufacturers (--ek-policy "
+                   "manufacturer); the allowlist is consulted only with --ek-policy "
+                   "allowlist.", err=True)
+
+
+def _allow_many(ctx: Context, group_name: str, entries: list[tuple[str, str]], note: str,
+                remove: bool) -> None:
+    repository = ctx.repository()
+    group_row = group_or_fail(repository, group_name)
+    changed = 0
+    with repository.transaction():  # all entries or none
+        for identity, entry_note in entries:
+            where = ((EkAllowlistEntry.group == group_row)
+                     & (EkAllowlistEntry.ek_sha256 == identity))
+            if remove:
+                changed += EkAllowlistEntry.delete().where(where).execute()
+            else:
+                changed += bool(EkAllowlistEntry.insert(
+                    group=group_row, ek_sha256=identity,
+                    note=(entry_note or note)[:256]).on_conflict_ignore().execute())
+    repository.audit(actor=operator(), action="group.allow_ek", outcome="success",
+                     group=group_name, detail={"remove": remove, "entries": len(entries),
+                                               "changed": changed})
+    verb = "Removed" if remove else "Allowed"
+    click.echo(f"{verb} {changed} of {len(entries)} EKs {'from' if remove else 'in'} group "
+               f"{group_name!r} ({len(entries) - changed} unchanged).")
     if not remove and group_row.ek_policy != "allowlist":
         click.echo("Note: this group trusts any TPM of its manufacturers (--ek-policy "
                    "manufacturer); the allowlist is consulted only with --ek-policy "
@@ -213,10 +330,11 @@ def _describe(row: AttestationEvidence) -> dict[str, Any]:
             if (value := getattr(row, name)) is not None},
     }
     if row.ek_certificate is not None:
-        cert = x509.load_der_x509_certificate(bytes(row.ek_certificate))
-        record["ek_certificate"] = {"issuer": cert.issuer.rfc4514_string(),
+        cert = att.load_ek_certificate(bytes(row.ek_certificate))
+        record["ek_certificate"] = {"issuer": cert.issuer_text,
                                     "serial": format(cert.serial_number, "x"),
-                                    "not_after": cert.not_valid_after_utc}
+                                    "not_after": cert.not_valid_after_utc,
+                                    "tpm": cert.tpm_identity()}
     if row.quote_info is not None:
         quote = att.parse_attest(bytes(row.quote_info))
         clock = att.clock_info(quote)

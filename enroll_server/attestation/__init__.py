@@ -27,8 +27,14 @@ from enroll_server.attestation.ek import (
     check_ek_public,
     check_ek_revocation,
     load_ek_certificate,
+    load_ek_chain,
     load_ek_crls,
     verify_ek_certificate,
+)
+from enroll_server.attestation.ek_cert import (
+    CertificateProblem,
+    EkCertificate,
+    load_pem_certificates,
 )
 from enroll_server.attestation.quote import (
     QuoteResult,
@@ -61,7 +67,8 @@ from enroll_server.attestation.verify import (
 )
 
 __all__ = [
-    "AttestationError", "ClockInfo", "Finding", "MalformedEvidence", "QuoteResult",
+    "AttestationError", "CertificateProblem", "ClockInfo", "EkCertificate", "load_ek_chain",
+    "load_pem_certificates", "Finding", "MalformedEvidence", "QuoteResult",
     "check_activated_secret", "check_ak_name", "check_ak_public", "check_challenge",
     "check_csr_key", "check_device_key_attributes", "check_ek_allowlisted",
     "check_ek_public", "check_ek_revocation", "check_reset_count", "clock_info",

@@ -45,6 +45,10 @@ class ChallengeRequestSchema(Schema):
     ek_public = Base64Bytes(required=True, max_bytes=1024)  # TPM2B_PUBLIC
     ak_public = Base64Bytes(required=True, max_bytes=1024)  # TPM2B_PUBLIC
     ek_certificate = Base64Bytes(load_default=None, allow_none=True, max_bytes=4096)
+    # EK CA certificates from the TPM's EK certificate chain NV indices (EK Credential
+    # Profile 2.2.1.5.2, 0x01C00100..0x01C001FF): untrusted helpers for path building.
+    ek_chain = fields.List(Base64Bytes(max_bytes=4096), load_default=list,
+                           validate=validate.Length(max=8))
 
 
 class AttestedEnrollSchema(Schema):

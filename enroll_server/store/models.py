@@ -49,6 +49,9 @@ class EnrollmentGroup(BaseModel):
     pcr_policy = pw.TextField(default="")
     # Schema 3: the manufacturers' CRLs (PEM), checked against every EK chain.
     ek_crls_pem = pw.TextField(default="")
+    # Schema 4: TPM vendors of the built-in trust store the group trusts, comma separated
+    # ("infineon,stmicro"; enroll_server.ek_vendors), besides the PEMs of ek_roots_pem.
+    ek_vendors = pw.TextField(default="")
 
 
 class Device(BaseModel):
