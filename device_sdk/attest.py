@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from tpm2_pytss import TPM2B_PUBLIC
 
 from .est import EstError, decode_certs_only, parse_error, tls_context
-from .tpm import EkKind, TpmDevice
+from .tpm import EK_PROFILE_ORDER, EkKind, TpmDevice
 
 RETRY_STATUSES = frozenset({429, 503, 502, 504})  # 502/504: a proxy in front lost the server
 MAX_RETRY_AFTER = 600.0  # seconds: a Retry-After beyond this is treated as this
@@ -157,6 +157,9 @@ class AttestedEnrollment:
         request: dict[str, Any] = {"ek_public": _b64(ek_public), "ak_public": _b64(ak_public)}
         if ek_certificate is not None:
             request["ek_certificate"] = _b64(ek_certificate)
+            chain = self.tpm.ek_certificate_chain()[:8]  # the server takes at most 8
+            if chain:
+                request["ek_chain"] = [_b64(certificate) for certificate in chain]
         self.device_id = device_id_of(ek_public)  # known before the server answers
         challenge = _json_object(self._exchange("POST", "attest/challenge", json=request))
         device_id = str(challenge.get("device_id", ""))
@@ -196,8 +199,9 @@ class AttestedEnrollment:
         return certificates[0]
 
     def _endorsement(self) -> tuple[EkKind, bytes, bytes | None]:
-        """The EK to use: the first with a certificate in NV (ECC first), else the ECC EK."""
-        kinds: tuple[EkKind, ...] = (self.ek_kind,) if self.ek_kind else ("ecc", "rsa")
+        """The EK to use: the first profile with a certificate in NV (tpm_templates.
+        EK_PROFILE_ORDER: ECC first, low range first), else the low-range ECC EK."""
+        kinds: tuple[EkKind, ...] = (self.ek_kind,) if self.ek_kind else EK_PROFILE_ORDER
         for kind in kinds:
             certificate = self.tpm.read_ek_certificate(kind)
             if certificate is not None:

@@ -7,8 +7,11 @@ Handles (TCG Registry of Reserved TPM 2.0 Handles):
 
 - 0x81000001 SRK: ECC P-256 storage primary with the TCG Provisioning Guidance template
   (the one tpm2-openssl and ``tpm2_createprimary -G ecc`` use), created if absent.
-- 0x81010002 / 0x81010001 ECC / RSA EK from the manufacturer; if absent, CreatePrimary
-  with the TCG default EK template (as ``tpm2_createek``), flushed after each use.
+- EKs of every TCG EK Credential Profile template (tpm_templates.EK_PROFILES: L-1, L-2,
+  H-1, H-2, H-3, H-6) at the handle a factory persisted them (0x81010001 / 0x81010002
+  for the low range); if absent, CreatePrimary with the template (as ``tpm2_createek``),
+  flushed after each use. The EK certificate chain NV indices 0x01C00100..0x01C001FF are
+  read too (``ek_certificate_chain``).
 - 0x81008001 AK: restricted ECDSA-SHA256 P-256 signing key under the SRK.
 - 0x81008002 device key: unrestricted P-256 signing key under the SRK (scheme NULL).
 - NV 0x01808002 (owner range): the device key's "TSS2 PRIVATE KEY" DER, i.e. its
@@ -33,7 +36,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 import tpm2_pytss as tss
 from cryptography import x509
@@ -41,6 +44,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 from tpm2_pytss import ESAPI, ESYS_TR, TPM2_ALG, TPM2B_PUBLIC, TSS2_Exception
 from tpm2_pytss.cryptography import tpm_ecc_private_key
+from tpm2_pytss.internal.templates import ek_template
 from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
@@ -48,21 +52,25 @@ from .state import atomic_write
 from .tpm_templates import (  # the attributes: re-exported, as before the split
     AK_ATTRIBUTES,  # noqa: F401
     DEVICE_KEY_ATTRIBUTES,  # noqa: F401
+    EK_CHAIN_FIRST_INDEX,
+    EK_CHAIN_LAST_INDEX,
+    EK_PROFILE_ORDER,  # noqa: F401
+    EK_PROFILES,
     SRK_ATTRIBUTES,  # noqa: F401
     ak_template,
     device_key_template,
+    ek_profile,
     srk_template,
 )
 
-EkKind = Literal["ecc", "rsa"]
+EkKind = str  # a tpm_templates.EK_PROFILES name: "ecc", "rsa", "high-ecc384", ...
 SRK_HANDLE = 0x81000001
 AK_HANDLE = 0x81008001
 DEVICE_KEY_HANDLE = 0x81008002
 DEVICE_KEY_BLOB_NV_INDEX = 0x01808002
 # kind -> (create_ek_template name, persistent handle, EK certificate NV index)
 EK_SLOTS: dict[str, tuple[str, int, int]] = {
-    "ecc": ("EK-ECC256", 0x81010002, 0x01C0000A),
-    "rsa": ("EK-RSA2048", 0x81010001, 0x01C00002),
+    name: (p.template_name, p.persistent_handle, p.cert_index) for name, p in EK_PROFILES.items()
 }
 _PT_NV_BUFFER_MAX = 0x12C  # TPM_PT_NV_BUFFER_MAX (Part 2, 6.13)
 _PCR_BANKS, _PCRS = frozenset({"sha1", "sha256", "sha384", "sha512", "sm3_256"}), set(range(24))
@@ -155,8 +163,23 @@ class TpmDevice:
 
     def read_ek_certificate(self, kind: EkKind = "ecc") -> bytes | None:
         """The DER EK certificate from its NV index (EK Credential Profile 2.0), or None."""
-        data = self._nv_read_all(EK_SLOTS[kind][2])
+        data = self._nv_read_all(ek_profile(kind).cert_index)
         return None if data is None else data[: _der_length(data)]
+
+    def ek_certificate_chain(self) -> list[bytes]:
+        """DER certificates in the EK certificate chain indices (EK Credential Profile
+        2.2.1.5.2: 0x01C00100..0x01C001FF), in index order; each index may hold several
+        concatenated certificates and NV padding. Empty when the TPM has none."""
+        _, data = self._tpm2_get_capability(tss.TPM2_CAP.HANDLES, EK_CHAIN_FIRST_INDEX, 256)
+        chain: list[bytes] = []
+        for index in sorted(int(h) for h in data.data.handles
+                            if EK_CHAIN_FIRST_INDEX <= int(h) <= EK_CHAIN_LAST_INDEX):
+            blob = self._nv_read_all(index) or b""
+            while blob[:1] == b"\x30" and len(chain) < 16:
+                length = _der_length(blob)
+                chain.append(blob[:length])
+                blob = blob[length:]
+        return chain
 
     def endorsement_key(self, kind: EkKind = "ecc") -> tuple[int | None, bytes]:
         """(persistent handle, or None when re-created from the template; TPM2B_PUBLIC)."""
@@ -189,14 +212,20 @@ class TpmDevice:
 
         In: marshalled TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET; out: the TPM2B_DIGEST
         buffer. The EK's authPolicy is PolicySecret(TPM_RH_ENDORSEMENT) (EK Credential
-        Profile 2.0, B.3.3), hence a policy session for it; the AK uses its empty password.
+        Profile 2.0, B.3.3) for a low-range EK, hence a policy session for it; a high-range
+        EK has userWithAuth, so its empty password does. The AK uses its empty password.
         """
         id_object = _unmarshal_exact(tss.TPM2B_ID_OBJECT, credential_blob)
         secret = _unmarshal_exact(tss.TPM2B_ENCRYPTED_SECRET, encrypted_secret)
         ak, _ = self._persistent_key(AK_HANDLE, ak_template())
-        with self._endorsement_key(ek_kind) as (ek, _, _), self._policy_session() as session:
-            self._tpm2_policy_secret(session, ESYS_TR.ENDORSEMENT)
-            return bytes(self._tpm2_activate_credential(ak, ek, id_object, secret, session))
+        with self._endorsement_key(ek_kind) as (ek, public, _):
+            if public.publicArea.objectAttributes & tss.TPMA_OBJECT.USERWITHAUTH:
+                return bytes(self._tpm2_activate_credential(ak, ek, id_object, secret,
+                                                            ESYS_TR.PASSWORD))
+            with self._policy_session() as session:
+                self._tpm2_policy_secret(session, ESYS_TR.ENDORSEMENT)
+                return bytes(self._tpm2_activate_credential(ak, ek, id_object, secret,
+                                                            session))
 
     def certify(self, nonce: bytes) -> tuple[bytes, bytes]:
         """(TPMS_ATTEST, TPMT_SIGNATURE): the AK certifies the device key, nonce in extraData."""
@@ -306,14 +335,18 @@ class TpmDevice:
     def _endorsement_key(self, kind: EkKind,
                          ) -> Iterator[tuple[ESYS_TR, TPM2B_PUBLIC, int | None]]:  # fmt: skip
         """(ESYS_TR, public, persistent handle or None); a re-created EK is flushed on exit."""
-        name, persistent, _ = EK_SLOTS[kind]
+        profile = ek_profile(kind)
+        name, persistent = profile.template_name, profile.persistent_handle
         if self._present(persistent):
             tr = self._persistent_tr(persistent)
             yield tr, self._tpm2_read_public(tr)[0], persistent
             return
         # EK Credential Profile 2.0, 2.2.1.5: EK template / nonce NV indices, when present,
         # change the default template (create_ek_template reads them, as tpm2_createek does).
-        _, template = create_ek_template(name, self._nv_read_or_raise)
+        try:
+            _, template = create_ek_template(name, self._nv_read_or_raise)
+        except ValueError:  # a high-range profile without its certificate: plain template
+            template = TPM2B_PUBLIC(publicArea=ek_template.lookup(name).template.publicArea)
         handle, public = self._tpm2_create_primary(ESYS_TR.ENDORSEMENT, template)
         with self._transient(handle):
             yield handle, public, None

@@ -10,9 +10,14 @@ indices of the TCG EK Credential Profile for TPM Family 2.0 ("the profile" below
         provisioned = maker.provision(tpm.tcti)      # EKs persisted, certs in NV
         trust_anchors = maker.ca_certificates        # (EK issuing CA, root)
 
-The EKs are the TCG default low-range templates (L-1 RSA-2048, L-2 ECC NIST P-256, the
-ones ``tpm2_createek -G rsa|ecc`` uses), persisted at 0x81010001 / 0x81010002, with
-certificates at NV 0x01c00002 / 0x01c0000a where ``tpm2_getekcertificate`` looks.
+By default the EKs are the TCG default low-range templates (L-1 RSA-2048, L-2 ECC NIST
+P-256, the ones ``tpm2_createek -G rsa|ecc`` uses), persisted at 0x81010001 / 0x81010002,
+with certificates at NV 0x01c00002 / 0x01c0000a where ``tpm2_getekcertificate`` looks.
+``provision(slots=...)`` takes any of the high-range templates too (H-1 RSA-2048, H-2
+P-256, H-3 P-384, H-6 RSA-3072; the profile's certificate index, handle 0x810100xx with
+the index's low byte), and ``ek_chain=True`` writes the EK issuing CA certificate into
+the EK certificate chain index 0x01c00100 (EK Credential Profile 2.2.1.5.2), for TPMs
+whose verifier knows only the vendor root.
 
 ``simulators.swtpm_localca`` runs swtpm's own tooling instead (swtpm_setup with a
 private swtpm_localca CA), so tests can trust its EK certs too.
@@ -39,7 +44,14 @@ from tpm2_pytss import (
     TPMS_NV_PUBLIC,
 )
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_HC, TPMA_NV
-from tpm2_pytss.internal.templates import ek_ecc256, ek_rsa2048
+from tpm2_pytss.internal.templates import (
+    ek_ecc256,
+    ek_high_ecc256,
+    ek_high_ecc384,
+    ek_high_rsa2048,
+    ek_high_rsa3072,
+    ek_rsa2048,
+)
 
 # TCG OIDs (TCG EK Credential Profile 2.0, section 5 "ASN.1 definitions").
 TCG_AT_TPM_MANUFACTURER = x509.ObjectIdentifier("2.23.133.2.1")
@@ -76,8 +88,8 @@ class ProvisioningError(RuntimeError):
 class EkSlot:
     """Where one TCG default EK lives: template, persistent handle, certificate NV index."""
 
-    name: Literal["rsa", "ecc"]
-    template_name: str  # TCG EK Credential Profile 2.0, Annex B: "L-1", "L-2"
+    name: str  # device_sdk.tpm_templates.EK_PROFILES name: "rsa", "ecc", "high-ecc384"...
+    template_name: str  # TCG EK Credential Profile 2.0, Annex B: "L-1", "L-2", "H-3"...
     template: TPM2B_PUBLIC = field(repr=False)
     persistent_handle: int
     nv_index: int
@@ -85,7 +97,17 @@ class EkSlot:
 
 EK_RSA = EkSlot("rsa", "L-1", ek_rsa2048.template, 0x81010001, int(ek_rsa2048.cert_index))
 EK_ECC = EkSlot("ecc", "L-2", ek_ecc256.template, 0x81010002, int(ek_ecc256.cert_index))
-EK_SLOTS = (EK_RSA, EK_ECC)
+EK_SLOTS = (EK_RSA, EK_ECC)  # what provision() does by default
+HIGH_RANGE_SLOTS = tuple(
+    EkSlot(name, tcg, template.template, 0x81010000 | (int(template.cert_index) & 0xFF),
+           int(template.cert_index))
+    for name, tcg, template in (("high-rsa2048", "H-1", ek_high_rsa2048),
+                                ("high-ecc256", "H-2", ek_high_ecc256),
+                                ("high-ecc384", "H-3", ek_high_ecc384),
+                                ("high-rsa3072", "H-6", ek_high_rsa3072))
+)  # fmt: skip
+ALL_SLOTS = {slot.name: slot for slot in (*EK_SLOTS, *HIGH_RANGE_SLOTS)}
+EK_CHAIN_INDEX = 0x01C00100  # the first EK certificate chain index (2.2.1.5.2)
 
 
 @dataclass(frozen=True)
@@ -124,13 +146,19 @@ class ProvisionedTpm:
     """What the factory did to one TPM; ``timings`` are seconds per step."""
 
     identity: TpmIdentity
-    rsa_ek: ProvisionedEk
-    ecc_ek: ProvisionedEk
+    eks: tuple[ProvisionedEk, ...]
     timings: dict[str, float]
 
+    def ek(self, name: str) -> ProvisionedEk:
+        return next(ek for ek in self.eks if ek.slot.name == name)
+
     @property
-    def eks(self) -> tuple[ProvisionedEk, ProvisionedEk]:
-        return (self.rsa_ek, self.ecc_ek)
+    def rsa_ek(self) -> ProvisionedEk:
+        return self.ek("rsa")
+
+    @property
+    def ecc_ek(self) -> ProvisionedEk:
+        return self.ek("ecc")
 
 
 # -- small DER encoder for the one extension cryptography has no class for ------------
@@ -365,9 +393,10 @@ class Manufacturer:
         return builder.sign(self._ek_ca_key, _signature_hash(self._ek_ca_key))
 
     def provision(
-        self, tcti: str, *, identity: TpmIdentity | None = None, lock_nv: bool = True
+        self, tcti: str, *, identity: TpmIdentity | None = None, lock_nv: bool = True,
+        slots: tuple[EkSlot, ...] = EK_SLOTS, ek_chain: bool = False,
     ) -> ProvisionedTpm:
-        """Factory-provision one TPM: both default EKs persisted, certificates in NV.
+        """Factory-provision one TPM: its EKs (``slots``) persisted, certificates in NV.
 
         Issues (all through ESAPI, platform hierarchy with its empty auth as on swtpm):
         TPM2_CreatePrimary (endorsement) + TPM2_EvictControl + TPM2_FlushContext per EK,
@@ -378,12 +407,12 @@ class Manufacturer:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         with ESAPI(tcti) as esapi:
-            _refuse_if_provisioned(esapi)
+            _refuse_if_provisioned(esapi, slots)
             identity = identity or read_tpm_identity(esapi)
             nv_buffer_max = _fixed_property(esapi, _PT_NV_BUFFER_MAX) or 512
             timings["connect"] = time.perf_counter() - started
             public_areas: dict[str, TPM2B_PUBLIC] = {}
-            for slot in EK_SLOTS:
+            for slot in slots:
                 step = time.perf_counter()
                 public_areas[slot.name] = _create_persistent_ek(esapi, slot)
                 timings[f"create_ek_{slot.name}"] = time.perf_counter() - step
@@ -393,20 +422,23 @@ class Manufacturer:
                     serialization.load_der_public_key(public_areas[slot.name].publicArea.to_der()),
                     identity,
                 )
-                for slot in EK_SLOTS
+                for slot in slots
             }
             timings["sign_certificates"] = time.perf_counter() - step
             step = time.perf_counter()
-            for slot in EK_SLOTS:
+            for slot in slots:
                 der = certificates[slot.name].public_bytes(serialization.Encoding.DER)
                 _write_ek_certificate(esapi, slot.nv_index, der, nv_buffer_max, lock_nv)
+            if ek_chain:
+                der = self.ek_ca_certificate.public_bytes(serialization.Encoding.DER)
+                _write_ek_certificate(esapi, EK_CHAIN_INDEX, der, nv_buffer_max, lock_nv)
             timings["nv_write"] = time.perf_counter() - step
         timings["total"] = time.perf_counter() - started
-        rsa_ek, ecc_ek = (
+        eks = tuple(
             ProvisionedEk(slot, public_areas[slot.name].marshal(), certificates[slot.name])
-            for slot in EK_SLOTS
+            for slot in slots
         )
-        return ProvisionedTpm(identity, rsa_ek, ecc_ek, timings)
+        return ProvisionedTpm(identity, eks, timings)
 
 
 # -- TPM commands ----------------------------------------------------------------------
@@ -451,11 +483,11 @@ def _handles_in_use(esapi: ESAPI, first: int) -> set[int]:
     return in_use
 
 
-def _refuse_if_provisioned(esapi: ESAPI) -> None:
+def _refuse_if_provisioned(esapi: ESAPI, slots: tuple[EkSlot, ...] = EK_SLOTS) -> None:
     persistent = _handles_in_use(esapi, int(TPM2_HC.PERSISTENT_FIRST))
     nv = _handles_in_use(esapi, int(TPM2_HC.NV_INDEX_FIRST))
-    taken = [f"0x{s.persistent_handle:08x}" for s in EK_SLOTS if s.persistent_handle in persistent]
-    taken += [f"0x{s.nv_index:08x}" for s in EK_SLOTS if s.nv_index in nv]
+    taken = [f"0x{s.persistent_handle:08x}" for s in slots if s.persistent_handle in persistent]
+    taken += [f"0x{s.nv_index:08x}" for s in slots if s.nv_index in nv]
     if taken:
         raise ProvisioningError(f"TPM already provisioned: {', '.join(taken)} in use")
 
