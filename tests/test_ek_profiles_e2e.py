@@ -15,8 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
+from tpm2_pytss.internal.templates import ek_rsa2048
+from tpm2_pytss.types import TPM2B_PUBLIC
 
 from device_sdk.attest import AttestedEnrollment, device_id_of
 from device_sdk.est import EstError
@@ -25,8 +28,9 @@ from device_sdk.tpm_templates import EK_PROFILES
 from simulators.manufacturer import ALL_SLOTS, Manufacturer
 from simulators.served import ServedInstance
 from simulators.swtpm import SwtpmInstance
-from tests.support.attest_helpers import roots_file
+from tests.support.attest_helpers import AttestClient, roots_file
 from tests.support.fixtures import db_count
+from tests.test_ek_vendor_certificates import _flip, _real
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +160,45 @@ def test_allow_ek_from_a_directory_and_a_csv_of_tpm2_createek_output(
     assert refused.returncode != 0 and "line 4" in refused.stderr
     assert db_count(server, "ek_allowlist_entry", f"ek_sha256 IN ({','.join(repr(i) for i in ids)})"
                     ) == 4  # nothing removed
+
+
+def _public_area_for(der: bytes) -> bytes:
+    """A TCG L-1 EK public area around a real EK certificate's RSA key (no TPM needed: the
+    challenge step checks the certificate and the key, activation would need the TPM)."""
+    key = x509.load_der_x509_certificate(der).public_key()
+    public = TPM2B_PUBLIC.unmarshal(ek_rsa2048.template.marshal())[0]
+    public.publicArea.unique.rsa = key.public_numbers().n.to_bytes(256, "big")
+    return public.marshal()
+
+
+def test_server_accepts_a_real_stmicro_ek_as_read_from_nv_and_refuses_a_tampered_one(
+        server: ServedInstance, swtpm: SwtpmInstance) -> None:  # fmt: skip
+    """A group trusting the built-in store by vendor name issues a challenge for a real
+    ST33HTPHAHD8 EK certificate padded to 1600 bytes (as the TPM returns it)."""
+    server.cli("group", "create", "real-stm", "--auth", "tpm", "--ek-vendors", "stmicro")
+    der = _real("stm-rsa-ek-st33htphahd8.pem")
+    with TpmDevice(swtpm.tcti) as tpm:
+        client = AttestClient(server, tpm, "real-stm")
+        _, ak_public, _ = tpm.attestation_key()
+        request = {"ek_public": base64.b64encode(_public_area_for(der)).decode(),
+                   "ak_public": base64.b64encode(ak_public).decode(),
+                   "ek_certificate": base64.b64encode(der + b"\xff" * (1600 - len(der))
+                                                      ).decode()}
+        challenge = client.challenge(request)
+        assert challenge["device_id"] == spki_sha256_der(der)
+        tampered = dict(request, ek_certificate=base64.b64encode(
+            _flip(der, len(der) // 3)).decode(), ek_public=base64.b64encode(
+            _public_area_for(_flip(der, len(der) // 3))).decode())
+        response = client.post("challenge", tampered)
+        assert response.status_code == 403 and response.headers["X-Error-Code"] == "ek.untrusted"
+        client.close()
+    server.cli("group", "set-ek-vendors", "real-stm", "infineon")
+    with TpmDevice(swtpm.tcti) as tpm:
+        client = AttestClient(server, tpm, "real-stm")
+        response = client.post("challenge", request)
+        assert response.status_code == 403 and response.headers["X-Error-Code"] == "ek.untrusted"
+        client.close()
+
+
+def spki_sha256_der(der: bytes) -> str:
+    return spki_sha256(x509.load_der_x509_certificate(der))
