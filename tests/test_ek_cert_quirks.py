@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from enroll_server.attestation import ek, verdict
 from enroll_server.attestation.ek_cert import CertificateProblem, parse_certificate
-from tests.test_attestation_ek import NOW, EkPki, der, software_ek_public
+from tests.test_attestation_ek import NOW, EkPki, ca_certificate, der, software_ek_public
 
 CN, O_ = "2.5.4.3", "2.5.4.10"
 
@@ -167,3 +167,19 @@ def test_sha1_signed_ek_certificate_is_refused(pki: EkPki) -> None:
     with pytest.raises(verdict.EkUntrusted, match="not allowed"):
         ek.verify_ek_certificate(ek.load_ek_certificate(certificate), [pki.root], [pki.ek_ca],
                                  now=NOW)
+
+
+def test_a_device_chain_of_same_name_cas_signing_each_other_is_bounded(pki: EkPki) -> None:
+    """Eight attacker CAs of one name over two keys, four variants each signed by the other
+    key: path building would try 4+16+48+144 signatures; it stops after
+    MAX_SIGNATURE_CHECKS and refuses."""
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(2)]
+    start, end = NOW - dt.timedelta(days=1), NOW + dt.timedelta(days=365)
+    seeds = [ca_certificate("Loop CA", key, None, not_before=start, not_after=end)
+             for key in keys]
+    loop = [ca_certificate("Loop CA", keys[i % 2], (seeds[(i + 1) % 2], keys[(i + 1) % 2]),
+                           not_before=start, not_after=end) for i in range(8)]
+    _, key = software_ek_public("ecc")
+    leaf = pki.issue_ek_certificate(key, issuer=(loop[0], keys[0]))
+    with pytest.raises(verdict.EkUntrusted, match="gave up after 64"):
+        ek.verify_ek_certificate(leaf, [pki.root], loop, now=NOW)

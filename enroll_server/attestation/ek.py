@@ -51,6 +51,9 @@ from enroll_server.attestation.verdict import (
 TCG_KP_EK_CERTIFICATE = x509.ObjectIdentifier("2.23.133.8.1")  # EK Credential Profile 5
 DEFAULT_MAX_DEPTH = 5  # certificates in a path, leaf and trust anchor included
 MAX_CHAIN_CERTIFICATES = 8  # untrusted intermediates a device may send (ek_chain)
+# Path building tries every candidate issuer by name; a device can send certificates that
+# all share one name and sign each other, so the signature checks per path are bounded.
+MAX_SIGNATURE_CHECKS = 64
 _BASIC_CONSTRAINTS, _KEY_USAGE, _EKU, _SAN = "2.5.29.19", "2.5.29.15", "2.5.29.37", "2.5.29.17"
 _HANDLED_EXTENSIONS = frozenset({
     _BASIC_CONSTRAINTS, _KEY_USAGE, _EKU, _SAN, "2.5.29.35", "2.5.29.14", "2.5.29.32",
@@ -199,6 +202,7 @@ def verify_ek_certificate(
                     if c.fingerprint_sha256 not in anchors]
     problems: list[str] = []
     expired: list[str] = []
+    checks = [0]
 
     def extend(path: list[EkCertificate]) -> list[EkCertificate] | None:
         child = path[-1]
@@ -209,6 +213,10 @@ def verify_ek_certificate(
                 continue
             problem = _issuer_problem(issuer, len(path) - 1)
             if not problem:
+                checks[0] += 1
+                if checks[0] > MAX_SIGNATURE_CHECKS:
+                    raise EkUntrusted(detail=f"path building for {_describe(leaf)} gave up "
+                                             f"after {MAX_SIGNATURE_CHECKS} signature checks")
                 signature = signature_problem(child, issuer.public_key())
                 problem = signature and f"signature by {_describe(issuer)}: {signature}"
             if problem:
