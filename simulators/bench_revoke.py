@@ -24,10 +24,7 @@ import datetime as dt
 import http.client
 import json
 import multiprocessing
-import os
-import signal
 import ssl
-import subprocess
 import tempfile
 import threading
 import time
@@ -48,7 +45,9 @@ from device_sdk.notices import NoticeRejected, verify_notice
 from simulators.bench import create_tokens
 from simulators.bench_report import Progress, machine_info, no_progress, percentile
 from simulators.bench_revocation import bench_crl, bench_ocsp
-from simulators.served import BIN, ServedInstance, free_port, unthrottled
+from simulators.broker import NoticeLoop
+from simulators.operator_api import OperatorApi, OperatorApiError
+from simulators.served import ServedInstance, unthrottled
 
 TARGET_P99_MS = 500.0
 TARGET_CRL_SECONDS = 2.0
@@ -131,14 +130,6 @@ def _connect(agent: Agent, port: int, trust_anchor: Path,
     agent.client = client
 
 
-def _mosquitto(config: Path) -> subprocess.Popen[bytes]:
-    text = config.read_text()
-    if os.geteuid() == 0 and "\nuser " not in text:
-        config.write_text("user root\n" + text)
-    return subprocess.Popen(["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def _ocsp_client(host: str, port: int, trust_anchor: str, request_der: bytes,
                  seconds: float, results: Any) -> None:
     """One keep-alive HTTPS connection posting the same OCSP request (http.client: the
@@ -190,8 +181,7 @@ def run_revoke_bench(devices: int = 200, revocations: int = 100, crl_entries: in
         raise ValueError("revocations must be between 1 and the number of devices")
     workdir = Path(tempfile.mkdtemp(prefix="enroll-bench-revoke-"))
     instance = ServedInstance(env=unthrottled())
-    broker: subprocess.Popen[bytes] | None = None
-    relay: subprocess.Popen[bytes] | None = None
+    loop: NoticeLoop | None = None
     agents: list[Agent] = []
     try:
         instance.start()
@@ -200,17 +190,10 @@ def run_revoke_bench(devices: int = 200, revocations: int = 100, crl_entries: in
 
         settings = load_settings(instance.config, environ=instance.env)
         agents = _enroll(instance, create_tokens(settings, devices), workdir, progress)
-        port = free_port()
-        instance.cli("broker-config", "--dir", str(workdir / "broker"), "--port", str(port))
-        broker = _mosquitto(workdir / "broker" / "mosquitto.conf")
-        relay = subprocess.Popen([str(BIN / "enroll-server"), "--config", str(instance.config),
-                                  "relay"], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.STDOUT, env={**os.environ, **instance.env},
-                                 start_new_session=True)
+        loop = NoticeLoop(instance, workdir).start()
         anchors = x509.load_pem_x509_certificates(instance.trust_anchor.read_bytes())
-        time.sleep(0.5)
         for agent in agents:
-            _connect(agent, port, instance.trust_anchor, anchors)
+            _connect(agent, loop.port, instance.trust_anchor, anchors)
         deadline = time.monotonic() + 120
         while sum(a.subscribed.is_set() for a in agents) < len(agents):
             if time.monotonic() > deadline:
@@ -231,25 +214,24 @@ def run_revoke_bench(devices: int = 200, revocations: int = 100, crl_entries: in
             if agent.client is not None:
                 agent.client.loop_stop()
                 agent.client.disconnect()
-        for process in (relay, broker):
-            if process is not None and process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(15)
+        if loop is not None:
+            loop.close()
         instance.cleanup()
 
 
 def _burst(instance: ServedInstance, victims: list[Agent],
            progress: Progress) -> dict[str, Any]:
     credential = (instance.dir / "secrets/operator.token").read_text().strip()
-    context = ssl.create_default_context(cafile=str(instance.trust_anchor))
     started: dict[str, float] = {}
 
     def revoke(agent: Agent) -> int:
-        with httpx.Client(verify=context, timeout=60) as client:
+        with OperatorApi(instance.url, instance.trust_anchor, credential) as api:
             started[agent.device_id] = time.monotonic()
-            return client.post(instance.url + "/api/v1/revocations",
-                               json={"device_id": agent.device_id, "reason": "keyCompromise"},
-                               headers={"Authorization": f"Bearer {credential}"}).status_code
+            try:
+                api.revoke(agent.device_id)
+            except OperatorApiError as error:
+                return error.status
+            return 200
 
     burst_started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(16) as pool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -17,6 +16,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from .processes import stop_group
 
 
 def free_port() -> int:
@@ -112,13 +113,7 @@ class ServedInstance:
         raise ServerProcessError("server did not become healthy:\n" + self.log_text())
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
+        stop_group(self.process, 15)
         self.process = None
 
     def alive(self) -> bool:
