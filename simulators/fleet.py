@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench_report import Progress, no_progress
+from .fleet_load import run_load
 from .fleet_local import run_local
 from .fleet_options import FleetOptions, FleetSetupError, validate
 from .fleet_remote import run_remote
@@ -54,8 +55,6 @@ __all__ = ["BAD_FIRMWARE", "CHAOS_KINDS", "FIRMWARE_PCR", "GOOD_FIRMWARE", "GROU
 def run_fleet(options: FleetOptions, progress: Progress = no_progress) -> dict[str, Any]:
     validate(options)
     if options.rate is not None:
-        from .fleet_load import run_load
-
         return run_load(options, progress)
     workdir = Path(tempfile.mkdtemp(prefix="enroll-fleet-"))
     try:

@@ -62,6 +62,7 @@ class DeviceResult:
     swtpm_peak_kib: int = 0
     network_drops: int = 0
     serials: list[str] = field(default_factory=list)
+    certificate_pem: str = ""  # the current (renewed) certificate
 
     @property
     def name(self) -> str:
@@ -123,6 +124,8 @@ def device_worker(job: DeviceJob) -> DeviceResult:
     """One device's life, in a worker process (its own ESAPI contexts, no shared GIL)."""
     from urllib.parse import urlsplit
 
+    from cryptography.hazmat.primitives.serialization import Encoding
+
     from device_sdk.attest import AttestedEnrollment
     from device_sdk.state import DeviceState
     from device_sdk.tpm import TpmDevice
@@ -131,7 +134,7 @@ def device_worker(job: DeviceJob) -> DeviceResult:
     from simulators.swtpm import SwtpmInstance
 
     result = DeviceResult(job.index, job.role)
-    url, proxy = job.url, None
+    url, proxy, clients = job.url, None, []
     result.phase = "provision"
     try:
         if job.role == "flaky":
@@ -144,6 +147,7 @@ def device_worker(job: DeviceJob) -> DeviceResult:
             result.provision_ms = (time.perf_counter() - started) * 1000
             with TpmDevice(swtpm.tcti) as tpm, AttestedEnrollment(
                     url, Path(job.trust_anchor), tpm, job.group, **SDK_RETRIES) as client:
+                clients.append(client)
                 if job.firmware is not None:
                     measure_firmware(tpm, tampered(job.firmware) if job.role == "tampered"
                                      else job.firmware)
@@ -159,12 +163,14 @@ def device_worker(job: DeviceJob) -> DeviceResult:
                 result.renew_ms = (time.perf_counter() - started) * 1000
                 result.renewed = True
                 result.serials = [str(first.serial_number), str(second.serial_number)]
+                result.certificate_pem = second.public_bytes(Encoding.PEM).decode()
                 DeviceState(job.state_dir).save(second, client.cacerts(),
                                                 tpm.tss2_private_key_pem(), group=job.group)
                 result.phase = None
             result.swtpm_peak_kib = _peak_kib(swtpm.pid)
     except Exception as error:  # noqa: BLE001 - the report names it
         result.error = _error_text(error)
+        result.device_id = result.device_id or (clients and clients[0].device_id) or ""
     finally:
         if proxy is not None:
             result.network_drops = proxy.dropped

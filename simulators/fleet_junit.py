@@ -30,7 +30,7 @@ def _seconds(ms: float | None) -> str:
 
 
 def _case(suite: ET.Element, classname: str, name: str, outcome: dict[str, Any],
-          device_id: str | None) -> None:
+          device_id: str | None, role: str | None = None) -> None:
     case = ET.SubElement(suite, "testcase", classname=classname, name=name,
                          time=_seconds(outcome.get("ms")))
     kind = outcome["outcome"]
@@ -43,7 +43,7 @@ def _case(suite: ET.Element, classname: str, name: str, outcome: dict[str, Any],
         element.text = message
     elif kind == "skipped":
         ET.SubElement(case, "skipped", message=message)
-    out = f"device_id={device_id or ''}"
+    out = f"device_id={device_id or ''}" + (f"\nrole={role}" if role else "")
     if code:
         out += f"\ncode={code}"
     if kind == "passed" and message:
@@ -90,7 +90,7 @@ def junit_tree(report: dict[str, Any], name: str = "enroll-sim fleet") -> ET.Ele
         for record in report["devices"]:
             if phase in record["phases"]:
                 _case(suite_for(phase), f"{prefix}.{phase}", record["name"],
-                      record["phases"][phase], record.get("device_id"))
+                      record["phases"][phase], record.get("device_id"), record.get("role"))
     if report.get("setup_error"):
         _case(suite_for("setup"), f"{prefix}.setup", "setup",
               {"outcome": "error", "code": "setup", "message": report["setup_error"]}, None)

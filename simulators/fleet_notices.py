@@ -28,6 +28,7 @@ from typing import Any
 
 from .bench_report import Progress
 from .deployment import Deployment
+from .device import SimulatedDevice
 from .fleet_devices import DeviceJob
 from .operator_api import OperatorApi, OperatorApiError
 from .processes import die_with_parent, start_group, stop_group
@@ -55,29 +56,24 @@ class DeviceAgent:
     """One device booted again: its swtpm (kept state), tpm2-abrmd, `enroll-device agent`."""
 
     def __init__(self, job: DeviceJob, deployment: Deployment, log_dir: Path) -> None:
-        from .abrmd import TabrmdInstance
-        from .swtpm import SwtpmInstance
-
         self.job = job
         self.events_path = log_dir / f"{job.name}.agent.jsonl"
         self.stderr_path = log_dir / f"{job.name}.agent.stderr"
         self.process: subprocess.Popen[bytes] | None = None
-        self.swtpm = SwtpmInstance(job.tpm_dir)
-        self.rm: TabrmdInstance | None = None
+        # The device boots again: its kept TPM state (job.tpm_dir), a resource manager.
+        self.device = SimulatedDevice(job.state_dir, tpm_dir=job.tpm_dir)
         try:
-            self.swtpm.start()
-            self.rm = TabrmdInstance(self.swtpm.tcti)
-            self.rm.start()
+            self.device.start()
             assert deployment.broker_address is not None
             command = [str(BIN / "enroll-device"), "agent", "--state-dir", str(job.state_dir),
-                       "--tcti", self.rm.tcti, "--server", deployment.url, "--server-ca",
+                       "--tcti", self.device.tcti, "--server", deployment.url, "--server-ca",
                        str(deployment.trust_anchor), "--broker", deployment.broker_address,
                        "--group", deployment.group, "--max-backoff", "2", "--json"]
             if deployment.broker_ca is not None:
                 command += ["--broker-ca", str(deployment.broker_ca)]
             with open(self.events_path, "ab") as out, open(self.stderr_path, "ab") as err:
                 self.process = start_group(die_with_parent(command), log=err, stdout=out,
-                                           env={**os.environ, **self.rm.env})
+                                           env={**os.environ, **self.device.env})
         except BaseException:
             self.close()
             raise
@@ -108,11 +104,7 @@ class DeviceAgent:
         try:
             stop_group(self.process, 15)
         finally:
-            try:
-                if self.rm is not None:
-                    self.rm.close()
-            finally:
-                self.swtpm.stop()  # keep the state: the readmission check boots it again
+            self.device.close()  # keeps the TPM state: the readmission check boots it again
 
 
 def _wait(predicate: Any, timeout: float) -> bool:

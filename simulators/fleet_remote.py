@@ -11,7 +11,7 @@ from typing import Any
 
 from .bench_report import Progress
 from .deployment import Deployment
-from .fleet_devices import DeviceJob, DeviceResult
+from .fleet_devices import DeviceResult
 from .fleet_notices import revoke_at_devices
 from .fleet_options import FleetOptions, FleetSetupError
 from .fleet_steps import choose_victims, device_jobs, finish_report, readmissions, run_devices
@@ -40,7 +40,7 @@ def run_remote(options: FleetOptions, deployment: Deployment, workdir: Path,
         workdir, progress)
     readmitted = readmissions(jobs, victims, options.concurrency)
     progress("checking OCSP and the operator API's view", False)
-    ocsp = _ocsp_view(deployment, jobs, results)
+    ocsp = _ocsp_view(deployment, results)
     victim_ids = {v.device_id for v in victims}
     checks: dict[str, tuple[bool, str]] = {}
     healthy = [r for r in results if r.renewed and r.device_id not in victim_ids]
@@ -78,18 +78,15 @@ def _reachable(deployment: Deployment) -> None:
                               f"{deployment.group!r}'s CA certificates (check --group)")
 
 
-def _ocsp_view(deployment: Deployment, jobs: list[DeviceJob],
-               results: list[DeviceResult]) -> dict[str, str]:
-    from device_sdk.state import DeviceState
+def _ocsp_view(deployment: Deployment, results: list[DeviceResult]) -> dict[str, str]:
+    """The OCSP status of each renewed device's current certificate (public responder)."""
+    from cryptography import x509
 
-    view = {}
-    for result in results:
-        state = DeviceState(jobs[result.index].state_dir)
-        certificate = state.certificate() if result.renewed else None
-        if certificate is not None:
-            view[result.device_id] = ocsp_status(deployment.url, deployment.trust_anchor,
-                                                  certificate, state.chain())
-    return view
+    chain = x509.load_pem_x509_certificates(deployment.trust_anchor.read_bytes())
+    return {result.device_id: ocsp_status(
+        deployment.url, deployment.trust_anchor,
+        x509.load_pem_x509_certificate(result.certificate_pem.encode()), chain)
+        for result in results if result.certificate_pem}
 
 
 def _disagreements(ocsp: dict[str, str], healthy: list[DeviceResult],

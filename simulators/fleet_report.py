@@ -189,4 +189,7 @@ def render(report: dict[str, Any]) -> str:
                      f"(device {record['device_id'] or '-'})")
     if len(bad) > 10:
         lines.append(f"  ... and {len(bad) - 10} more (see --json or --junit)")
+    for check, (held, detail) in report.get("checks", {}).items():
+        if not held:
+            lines.append(f"  check {check} FAILED: {detail[:200]}")
     return "\n".join(lines)

@@ -81,6 +81,11 @@ class ServedInstance:
     def trust_anchor(self) -> Path:
         return self.dir / "ca" / "ca-chain.pem"
 
+    @property
+    def operator_token(self) -> str:
+        """The operator credential `enroll-server init` created (a Bearer token)."""
+        return (self.dir / "secrets" / "operator.token").read_text().strip()
+
     def cli(self, *args: str, check: bool = True,
             env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return enroll_server("--config", str(self.config), *args,
