@@ -42,15 +42,19 @@ def plot_load(report: dict[str, Any], path: Path) -> None:
     ok = [w["succeeded"] / w["width"] for w in windows]
     failed = [w["failed"] / w["width"] for w in windows]
     starts = [w["t"] for w in windows]
-    bottom.bar(starts, ok, width=width * 0.9, align="edge", color="tab:green",
-               label="enrolled / s")
+    bottom.bar(starts, ok, width=width * 0.9, align="edge", color="tab:green", alpha=0.45,
+               label="started and enrolled / s (by due time)")
     bottom.bar(starts, failed, width=width * 0.9, align="edge", bottom=ok, color="tab:red",
-               label="errors / s")
+               label="errors / s (by due time)")
+    finished = [w["finished_per_second"] for w in windows]
+    bottom.plot(middle, finished, "-", color="tab:blue", marker="o", markersize=3,
+                label="completed / s (by finish time)")
     bottom.plot([options["ramp"], options["duration"]], [options["rate"]] * 2, "k--",
                 linewidth=1, label=f"target {options['rate']:g}/s")
     if options["ramp"]:
         bottom.plot([0, options["ramp"]], [0, options["rate"]], "k--", linewidth=1)
-    bottom.set_ylabel("per second (by due time)")
+    bottom.set_ylabel("enrollments per second")
+    bottom.set_ylim(0, max([options["rate"], *finished, *ok]) * 1.3)
     bottom.set_xlabel("seconds since the start")
     bottom.grid(alpha=0.3)
     bottom.legend(loc="upper left")
