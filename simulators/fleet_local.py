@@ -107,10 +107,10 @@ def _start_chaos(rig: Rig, options: FleetOptions, rng: random.Random,
     jitter), from the first enrollment until the revocation notices are in."""
     if not options.chaos:
         return None
+    rng_local = random.Random(rng.random())  # its own stream: the seed stays reproducible
 
     def loop() -> None:
         kinds = list(options.chaos)
-        rng_local = random.Random(rng.random())
         rng_local.shuffle(kinds)
         turn = 0
         while not stop.wait(options.chaos_interval * (0.5 + rng_local.random())):
