@@ -60,9 +60,11 @@ def run_local(options: FleetOptions, workdir: Path, progress: Progress) -> dict[
         victims = choose_victims(rng, results, options.revoke_fraction)
         victim_ids = {v.device_id for v in victims}
         healthy = [r for r in results if r.enrolled and r.device_id not in victim_ids]
-        forged = _forge(rig, healthy[: max(1, len(healthy) // 10)] if healthy else [])
         revocations = _revoke(rig, gateway, victims, progress)
         _finish_chaos(rig, options, chaos_stop, chaos_thread)
+        # Forged notices once the broker stays up: each must arrive, and be rejected.
+        forged = _forge(rig, healthy[: max(1, len(healthy) // 10)] if healthy else [])
+        _wait_for(lambda: len(gateway.rejected) >= forged, NOTICE_TIMEOUT)
         readmitted = readmissions(jobs, victims, options.concurrency)
         invariants = _invariants(rig, results, victims, gateway)
         invariants["forged_notices"] = forged
@@ -80,6 +82,15 @@ def run_local(options: FleetOptions, workdir: Path, progress: Progress) -> dict[
         if gateway is not None:
             gateway.close()
         rig.close()
+
+
+def _wait_for(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return bool(predicate())
 
 
 def _checks(inv: dict[str, Any]) -> dict[str, tuple[bool, str]]:

@@ -97,7 +97,8 @@ class ServedInstance:
     def token(self, group: str = "default", *extra: str) -> str:
         return self.cli_json("token", "create", "--group", group, *extra)["token"]
 
-    def start(self) -> None:
+    def start(self, timeout: float = 120.0) -> None:
+        """Serve; returns once /healthz answers (``timeout``: a bound for a busy machine)."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.process = subprocess.Popen(
             [str(BIN / "enroll-server"), "serve", "--config", str(self.config)],
@@ -105,7 +106,7 @@ class ServedInstance:
             start_new_session=True)
         log.close()
         context = ssl.create_default_context(cafile=str(self.trust_anchor))
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerProcessError("server exited:\n" + self.log_text())
