@@ -23,7 +23,6 @@ import concurrent.futures
 import datetime as dt
 import http.client
 import json
-import multiprocessing
 import ssl
 import tempfile
 import threading
@@ -45,6 +44,7 @@ from device_sdk.notices import NoticeRejected, verify_notice
 from simulators.bench import create_tokens
 from simulators.bench_report import Progress, machine_info, no_progress, percentile
 from simulators.bench_revocation import bench_crl, bench_ocsp
+from simulators.bench_rig import ClientPool, Shared
 from simulators.broker import NoticeLoop
 from simulators.operator_api import OperatorApi, OperatorApiError
 from simulators.served import ServedInstance, unthrottled
@@ -131,14 +131,15 @@ def _connect(agent: Agent, port: int, trust_anchor: Path,
 
 
 def _ocsp_client(host: str, port: int, trust_anchor: str, request_der: bytes,
-                 seconds: float, results: Any) -> None:
+                 seconds: float, shared: Shared) -> None:
     """One keep-alive HTTPS connection posting the same OCSP request (http.client: the
     client's own overhead stays small next to the server's)."""
     context = ssl.create_default_context(cafile=trust_anchor)
     connection = http.client.HTTPSConnection(host, port, context=context, timeout=30)
     headers = {"Content-Type": "application/ocsp-request"}
     count = errors = 0
-    deadline = time.monotonic() + seconds
+    shared.ready()
+    deadline = shared.wait_start() + seconds
     while time.monotonic() < deadline:
         connection.request("POST", "/ocsp", body=request_der, headers=headers)
         response = connection.getresponse()
@@ -148,7 +149,7 @@ def _ocsp_client(host: str, port: int, trust_anchor: str, request_der: bytes,
         else:
             errors += 1
     connection.close()
-    results.put((count, errors))
+    shared.finished((count, errors))
 
 
 def _ocsp_over_https(instance: ServedInstance, agents: list[Agent], seconds: float,
@@ -157,17 +158,17 @@ def _ocsp_over_https(instance: ServedInstance, agents: list[Agent], seconds: flo
     leaf = x509.load_pem_x509_certificate(agents[-1].cert.read_bytes())
     request_der = ocsp.OCSPRequestBuilder().add_certificate(
         leaf, issuer, hashes.SHA1()).build().public_bytes(serialization.Encoding.DER)  # noqa: S303
-    results: Any = multiprocessing.get_context("spawn").Queue()
-    processes = [multiprocessing.get_context("spawn").Process(
-        target=_ocsp_client, args=("localhost", instance.port, str(instance.trust_anchor),
-                                   request_der, seconds, results)) for _ in range(clients)]
-    started = time.monotonic()
-    for process in processes:
-        process.start()
-    totals = [results.get(timeout=seconds + 60) for _ in processes]
-    for process in processes:
-        process.join(30)
-    elapsed = time.monotonic() - started
+    pool = ClientPool()
+    try:
+        for _ in range(clients):
+            pool.spawn(_ocsp_client, "localhost", instance.port, str(instance.trust_anchor),
+                       request_der, seconds)
+        pool.wait_ready(timeout=120)
+        started = pool.go()
+        totals = pool.collect(0, "OCSP", timeout=seconds + 120)
+        elapsed = time.monotonic() - started
+    finally:
+        pool.close()
     answered = sum(count for count, _ in totals)
     return {"clients": clients, "seconds": round(elapsed, 2), "responses": answered,
             "errors": sum(errors for _, errors in totals),
