@@ -10,7 +10,7 @@ APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config tpm2-openssl
 	postgresql openssl curl gcc python3-dev python3-venv systemd shellcheck
 PYTEST_ARGS ?=
 
-.PHONY: all install system-deps venv test demo bench lint clean
+.PHONY: all install system-deps venv test test-example fleet-ci demo bench lint clean
 
 all: test
 
@@ -34,8 +34,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
-test: install
+# The example project's own tests first (through the shipped pytest plugin, named as
+# another project names it), then the whole suite.
+test: install test-example
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-example: install
+	cd examples/firmware-ci && PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 \
+		../../$(BIN)/python -m pytest -q -p no:cacheprovider -p tpm_enroll_testing
+
+# A simulated fleet with JUnit XML, as a CI job runs it (FLEET_ARGS: --server URL ...).
+FLEET_ARGS ?= --devices 10 --rogue 1 --flaky 1 --seed 1
+fleet-ci: install
+	$(BIN)/enroll-sim fleet $(FLEET_ARGS) --junit fleet-junit.xml
 
 lint: install
 	$(BIN)/ruff check .
@@ -49,4 +60,4 @@ bench: install
 	$(BIN)/enroll-sim bench revoke
 
 clean:
-	rm -rf $(VENV) demo-instance .pytest_cache
+	rm -rf $(VENV) demo-instance .pytest_cache fleet-junit.xml

@@ -11,26 +11,25 @@ in a temp dir, nothing system wide) and ``tpm2-abrmd --session`` attached to the
         subprocess.run([..., "--tcti", rm.tcti], env=env)
 
 While tpm2-abrmd runs it owns the swtpm's single connection: use ``rm.tcti`` (with
-``rm.env``) for everything, not the swtpm TCTI. Process hygiene as in simulators.swtpm:
-both daemons run in their own process groups, die with the thread that started them
-(PR_SET_PDEATHSIG via setpriv), ``close()`` stops tpm2-abrmd then the bus (SIGTERM, then
-SIGKILL) and removes the temp dir; an atexit hook stops forgotten instances.
+``rm.env``) for everything, not the swtpm TCTI. Process hygiene (simulators.processes):
+both daemons run in their own process groups and die with the thread that started them;
+``close()`` stops tpm2-abrmd then the bus (SIGTERM, then SIGKILL) and removes the temp
+dir; an atexit hook stops forgotten instances.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from .processes import LIVE, die_with_parent, stop_group
 
 INSTALL_HINT = "apt-get install tpm2-abrmd libtss2-tcti-tabrmd0 dbus"
 DEFAULT_BUS_NAME = "com.intel.tss2.Tabrmd"
@@ -48,10 +47,6 @@ BUS_CONFIG = """\
   </policy>
 </busconfig>
 """
-
-_live: set[TabrmdInstance] = set()
-_live_lock = threading.Lock()
-
 
 class TabrmdError(RuntimeError):
     """A binary is missing, or the bus / tpm2-abrmd did not come up; holds the logs."""
@@ -73,7 +68,7 @@ class TabrmdInstance:
         self.tpm_tcti = tpm_tcti
         self.bus_name = bus_name
         self.start_timeout = start_timeout
-        self._pdeathsig = die_with_parent and shutil.which("setpriv") is not None
+        self._pdeathsig = die_with_parent
         self.dir: Path | None = None
         self.bus_address = ""
         self._bus: subprocess.Popen[bytes] | None = None
@@ -110,8 +105,7 @@ class TabrmdInstance:
                env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start a daemon in its own process group, stderr (and stdout) to ``log``."""
         assert self.dir is not None
-        if self._pdeathsig:
-            command = ["setpriv", "--pdeathsig", "KILL", "--", *command]
+        command = die_with_parent(command, self._pdeathsig)
         with open(self.dir / log, "ab") as out:
             return subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE if pipe else out, stderr=out,
@@ -130,8 +124,7 @@ class TabrmdInstance:
         self._bus = self._popen([dbus_daemon, f"--config-file={config}", "--nofork",
                                  "--nopidfile", "--nosyslog", "--print-address=1"],
                                 "dbus.log", pipe=True)
-        with _live_lock:
-            _live.add(self)
+        LIVE.add(self)
         assert self._bus.stdout is not None
         self.bus_address = self._bus.stdout.readline().decode().strip()
         self._bus.stdout.close()
@@ -169,42 +162,17 @@ class TabrmdInstance:
                     errors="replace")[-3000:])
         return "\n".join(texts)
 
-    @staticmethod
-    def _stop(process: subprocess.Popen[bytes] | None, timeout: float) -> None:
-        if process is None or process.poll() is not None:
-            if process is not None:
-                process.wait()
-            return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, sig)
-            try:
-                process.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-
     def close(self, timeout: float = 5.0) -> None:
         """Stop tpm2-abrmd, then the bus; remove the temp dir. Safe to call twice."""
         abrmd, bus, self._abrmd, self._bus = self._abrmd, self._bus, None, None
         try:
-            self._stop(abrmd, timeout)
+            stop_group(abrmd, timeout)
         finally:
-            self._stop(bus, timeout)
-            with _live_lock:
-                _live.discard(self)
+            stop_group(bus, timeout)
+            LIVE.discard(self)
             if self.dir is not None:
                 shutil.rmtree(self.dir, ignore_errors=True)
                 self.dir = None
 
     def __repr__(self) -> str:
         return f"<TabrmdInstance {'running' if self.running else 'stopped'} {self.tpm_tcti}>"
-
-
-@atexit.register
-def _stop_all() -> None:
-    with _live_lock:
-        instances = list(_live)
-    for instance in instances:
-        with contextlib.suppress(Exception):
-            instance.close()

@@ -20,9 +20,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import http.client
-import multiprocessing as mp
 import os
-import queue
 import secrets
 import shutil
 import signal
@@ -48,6 +46,7 @@ from .bench_report import Progress, machine_info, process_tree_cpu_seconds
 from .bench_report import no_progress as _no_progress
 from .bench_report import percentile as _percentile
 from .bench_report import signals_held as _signals_held
+from .bench_rig import ClientPool, Shared
 from .served import ServedInstance, ServerProcessError, unthrottled
 
 # From the issue: at 16 clients, HTTPS rate >= 15% of the bare issuance rate, p99 < 50 ms.
@@ -55,10 +54,6 @@ TARGET_RATIO = 0.15
 TARGET_P99_MS = 50.0
 ENROLL_PATH = "/.well-known/est/simpleenroll"
 DEVICE_PREFIX = "bench"
-
-
-class BenchError(RuntimeError):
-    """The benchmark could not run (server failed to start, a client process died)."""
 
 
 @dataclass(frozen=True)
@@ -204,8 +199,7 @@ def _check_issued(payload: bytes, device_id: str) -> str | None:
 
 def client_process(host: str, port: int, trust_anchor: str, threads: int,
                    warmup: list[tuple[int, bytes, str]], work: list[tuple[bytes, str]],
-                   timeout: float, next_index: Any, done: Any, start: Any,
-                   results: Any) -> None:
+                   timeout: float, shared: Shared) -> None:
     """threads clients, one connection each: warm-up, report ready, wait, then take
     requests from the shared index until the work list is exhausted."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
@@ -232,21 +226,14 @@ def client_process(host: str, port: int, trust_anchor: str, threads: int,
             ready.abort()  # the process fails fast instead of hanging at the barrier
             raise
         ready.wait()
-        start.wait()
+        shared.wait_start()
         mine = latencies[slot]
-        while True:
-            with next_index.get_lock():
-                index = next_index.value
-                if index >= len(work):
-                    break
-                next_index.value = index + 1
+        for index in shared.take(len(work)):
             body, token = work[index]
             began = time.perf_counter()
             error, _ = _post(connection, body, token)
             mine.append(time.perf_counter() - began)
             last_done[slot] = time.monotonic()
-            with done.get_lock():
-                done.value += 1
             if error:
                 with lock:
                     errors[error] += 1
@@ -258,15 +245,15 @@ def client_process(host: str, port: int, trust_anchor: str, threads: int,
     for thread in pool:
         thread.start()
     ready.wait()
-    results.put(("ready", os.getpid()))
-    start.wait()
+    shared.ready(os.getpid())
+    shared.wait_start()
     cpu_start = sum(os.times()[:2])
     for thread in pool:
         thread.join()
-    results.put(("done", {
+    shared.finished({
         "latencies": [x for slot in latencies for x in slot], "errors": dict(errors),
         "warmup_errors": dict(warm_errors), "last_done": max(last_done),
-        "connects": sum(connects), "cpu_seconds": sum(os.times()[:2]) - cpu_start}))
+        "connects": sum(connects), "cpu_seconds": sum(os.times()[:2]) - cpu_start})
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -294,7 +281,7 @@ def run_est_bench(options: EstBenchOptions,
     warmup = max(options.warmup, clients)  # every connection handshakes before the clock
     tmp = Path(tempfile.mkdtemp(prefix="enroll-bench-"))
     instance: ServedInstance | None = None
-    workers: list[mp.process.BaseProcess] = []
+    pool: ClientPool | None = None
     try:
         progress("initialising an instance (root CA, SoftHSM token, SQLite)", False)
         instance = ServedInstance(directory=tmp / "instance", env=unthrottled(
@@ -319,61 +306,33 @@ def run_est_bench(options: EstBenchOptions,
         master_pid = instance.process.pid
         progress(f"serving {instance.url}", True)
 
-        context = mp.get_context("spawn")
-        next_index, done = context.Value("i", 0), context.Value("i", 0)
-        start, results = context.Event(), context.Queue()
+        pool = ClientPool()
         warm_items = [(i, bodies[i], tokens[i]) for i in range(warmup)]
         work = list(zip(bodies[warmup:], tokens[warmup:], strict=True))
         for number in range(processes):
             threads = len(range(number, clients, processes))
             # The warm-up items of this process's clients: slot k gets every threads-th.
-            mine = warm_items[number::processes]
-            worker = context.Process(
-                target=client_process, daemon=True,
-                args=("127.0.0.1", instance.port, str(instance.trust_anchor), threads, mine,
-                      work, options.timeout, next_index, done, start, results))
-            worker.start()
-            workers.append(worker)
+            pool.spawn(client_process, "127.0.0.1", instance.port, str(instance.trust_anchor),
+                       threads, warm_items[number::processes], work, options.timeout)
+
+        def server_alive() -> None:
+            _check_server(instance)
 
         progress(f"warm-up: {warmup} enrollments over {clients} connections", False)
-        ready = 0
-        while ready < processes:
-            kind, _ = _next_result(results, workers, instance)
-            ready += kind == "ready"
+        pool.wait_ready(server_alive, timeout=120)
         progress("warm-up done", True)
 
         cpu_before = process_tree_cpu_seconds(master_pid)
-        t0 = time.monotonic()
-        start.set()
-        reports: list[dict[str, Any]] = []
-        next_tick = 0.0
-        while len(reports) < processes:
-            try:
-                kind, payload = results.get(timeout=0.25)
-            except queue.Empty:
-                _check_alive(workers, instance)
-            else:
-                if kind == "done":
-                    reports.append(payload)
-            if time.monotonic() >= next_tick:
-                next_tick = time.monotonic() + 0.5
-                count = done.value
-                rate = count / max(time.monotonic() - t0, 1e-9)
-                progress(f"enrolling {count}/{options.requests}  {rate:.0f}/s", False)
+        t0 = pool.go()
+        reports = pool.collect(options.requests, "enrolling", progress, server_alive)
         elapsed = max(r["last_done"] for r in reports) - t0
         server_cpu = process_tree_cpu_seconds(master_pid) - cpu_before
         progress(f"measured {options.requests} enrollments in {elapsed:.2f} s", True)
-        for worker in workers:
-            worker.join(10)
         recorded = _certificates_recorded(instance)
     finally:
         with _signals_held():
-            for worker in workers:
-                if worker.is_alive():
-                    worker.terminate()
-                worker.join(5)
-                if worker.is_alive():
-                    worker.kill()
+            if pool is not None:
+                pool.close()
             if instance is not None:
                 instance.stop()
             if not options.keep:
@@ -383,21 +342,7 @@ def run_est_bench(options: EstBenchOptions,
                    recorded, str(tmp) if options.keep else None)
 
 
-def _next_result(results: Any, workers: list[Any], instance: ServedInstance,
-                 wait: float = 120.0) -> tuple[str, Any]:
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        try:
-            return results.get(timeout=0.25)
-        except queue.Empty:
-            _check_alive(workers, instance)
-    raise BenchError(f"no answer from the load clients within {wait:g} s")
-
-
-def _check_alive(workers: list[Any], instance: ServedInstance) -> None:
-    for worker in workers:
-        if worker.exitcode not in (None, 0):
-            raise BenchError(f"load client process exited with {worker.exitcode}")
+def _check_server(instance: ServedInstance) -> None:
     if not instance.alive():
         raise ServerProcessError("server exited during the benchmark:\n"
                                  + instance.log_text()[-4000:])

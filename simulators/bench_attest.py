@@ -25,9 +25,7 @@ form: simulators.bench_attest_report.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import queue
 import re
 import shutil
 import signal
@@ -35,7 +33,7 @@ import sqlite3
 import tempfile
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +43,6 @@ from device_sdk.attest import AttestedEnrollment
 from device_sdk.est import EstError
 from device_sdk.tpm import TpmDevice, TpmError
 
-from .bench import BenchError
 from .bench_attest_report import (  # re-exported: simulators.cli imports format_attest_report
     TARGET_DEVICE_P50_MS,  # noqa: F401
     TARGET_SERVER_CPU_MS,  # noqa: F401
@@ -61,6 +58,7 @@ from .bench_report import (
     progress_bar,
     signals_held,
 )
+from .bench_rig import ClientPool, Shared
 from .served import ServedInstance, ServerProcessError, unthrottled
 
 GROUP = "fleet"
@@ -189,28 +187,19 @@ def enroll_device(url: str, trust_anchor: str, tcti: str, label: str | None,
 
 
 def client_process(url: str, trust_anchor: str, label: str, timeout: float,
-                   warmup: list[str], work: list[str], next_index: Any, done: Any,
-                   start: Any, results: Any) -> None:
+                   warmup: list[str], work: list[str], shared: Shared) -> None:
     """Warm-up devices, report ready, wait, then enroll devices from the shared index."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     warm_errors = Counter(r["error"] for r in
                           (enroll_device(url, trust_anchor, tcti, label, timeout)
                            for tcti in warmup) if r["error"])
-    results.put(("ready", os.getpid()))
-    start.wait()
+    shared.ready(os.getpid())
+    shared.wait_start()
     cpu_start = sum(os.times()[:2])
-    records = []
-    while True:
-        with next_index.get_lock():
-            index = next_index.value
-            if index >= len(work):
-                break
-            next_index.value = index + 1
-        records.append(enroll_device(url, trust_anchor, work[index], label, timeout))
-        with done.get_lock():
-            done.value += 1
-    results.put(("done", {"records": records, "warmup_errors": dict(warm_errors),
-                          "cpu_seconds": sum(os.times()[:2]) - cpu_start}))
+    records = [enroll_device(url, trust_anchor, work[index], label, timeout)
+               for index in shared.take(len(work))]
+    shared.finished({"records": records, "warmup_errors": dict(warm_errors),
+                     "cpu_seconds": sum(os.times()[:2]) - cpu_start})
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -263,7 +252,7 @@ def run_attest_bench(options: AttestBenchOptions,
     tmp = Path(tempfile.mkdtemp(prefix="enroll-bench-attest-"))
     instance: ServedInstance | None = None
     tpms: list[Any] = []
-    workers: list[mp.process.BaseProcess] = []
+    pool: ClientPool | None = None
     try:
         progress("initialising an instance (root CA, SoftHSM token, SQLite)", False)
         instance = ServedInstance(directory=tmp / "instance", env=unthrottled(
@@ -284,69 +273,39 @@ def run_attest_bench(options: AttestBenchOptions,
         master_pid = instance.process.pid
         progress(f"serving {instance.url}", True)
 
-        context = mp.get_context("spawn")  # never fork a process holding TPM/TLS state
-        next_index, done = context.Value("i", 0), context.Value("i", 0)
-        start, results = context.Event(), context.Queue()
+        pool = ClientPool()  # spawned: never fork a process holding TPM/TLS state
         tctis = [tpm.tcti for tpm in tpms]
         warm, work = tctis[:warmup], tctis[warmup:]
         for number in range(processes):
-            worker = context.Process(
-                target=client_process, daemon=True,
-                args=(instance.url, str(instance.trust_anchor), GROUP, options.timeout,
-                      warm[number::processes], work, next_index, done, start, results))
-            worker.start()
-            workers.append(worker)
+            pool.spawn(client_process, instance.url, str(instance.trust_anchor), GROUP,
+                       options.timeout, warm[number::processes], work)
+
+        def server_alive() -> None:
+            _check_server(instance)
 
         progress(f"warm-up: {warmup} devices over {processes} client processes", False)
-        ready = 0
-        deadline = time.monotonic() + 300
-        while ready < processes:
-            ready += _next_result(results, workers, instance, deadline)[0] == "ready"
+        pool.wait_ready(server_alive, timeout=300)
         progress(f"warm-up done ({warmup} devices)", True)
 
         swtpm_pids = [tpm.pid for tpm in tpms[warmup:] if tpm.pid]
         server_before, swtpm_before = (process_tree_cpu_seconds(master_pid),
                                        cpu_seconds(swtpm_pids))
-        t0 = time.monotonic()
-        start.set()
-        reports: list[dict[str, Any]] = []
-        next_tick = 0.0
-        deadline = t0 + 120 + options.devices * options.timeout
-        while len(reports) < processes:
-            try:
-                kind, payload = results.get(timeout=0.25)
-            except queue.Empty:
-                _check_alive(workers, instance)
-                if time.monotonic() > deadline:
-                    raise BenchError("the client processes did not finish") from None
-            else:
-                if kind == "done":
-                    reports.append(payload)
-            if time.monotonic() >= next_tick:
-                next_tick = time.monotonic() + 0.25
-                count = done.value
-                rate = count / max(time.monotonic() - t0, 1e-9)
-                progress(f"enrolling {progress_bar(count, options.devices)}  {rate:.1f}/s",
-                         False)
+        t0 = pool.go()
+        reports = pool.collect(options.devices, "enrolling", progress, server_alive,
+                               timeout=120 + options.devices * options.timeout, tick=0.25)
         records = [record for report in reports for record in report["records"]]
         elapsed = max(record["finished"] for record in records) - t0
         server_cpu = process_tree_cpu_seconds(master_pid) - server_before
         swtpm_cpu = cpu_seconds(swtpm_pids) - swtpm_before
         progress(f"enrolled {options.devices} devices in {elapsed:.2f} s", True)
-        for worker in workers:
-            worker.join(10)
         recorded = {
             "certificates": _count_rows(instance, "SELECT COUNT(*) FROM certificate "
                                                   "WHERE issued_via = 'tpm'"),
             "evidence": _count_rows(instance, "SELECT COUNT(*) FROM attestation_evidence")}
     finally:
         with signals_held():
-            for worker in workers:
-                if worker.is_alive():
-                    worker.terminate()
-                worker.join(5)
-                if worker.is_alive():
-                    worker.kill()
+            if pool is not None:
+                pool.close()
             for tpm in tpms:
                 tpm.close()
             if instance is not None:
@@ -354,25 +313,13 @@ def run_attest_bench(options: AttestBenchOptions,
             if not options.keep:
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    return attest_report(options, GROUP, processes, warmup, provisioning, reports, records,
+    report_options = {**asdict(options), "processes": processes, "warmup": warmup}
+    return attest_report(report_options, GROUP, provisioning, reports, records,
                          elapsed, server_cpu, swtpm_cpu, recorded,
                          str(tmp) if options.keep else None)
 
 
-def _next_result(results: Any, workers: list[Any], instance: ServedInstance,
-                 deadline: float) -> tuple[str, Any]:
-    while time.monotonic() < deadline:
-        try:
-            return results.get(timeout=0.25)
-        except queue.Empty:
-            _check_alive(workers, instance)
-    raise BenchError("no answer from the client processes (warm-up) in time")
-
-
-def _check_alive(workers: list[Any], instance: ServedInstance) -> None:
-    for worker in workers:
-        if worker.exitcode not in (None, 0):
-            raise BenchError(f"client process exited with {worker.exitcode}")
+def _check_server(instance: ServedInstance) -> None:
     if not instance.alive():
         raise ServerProcessError("server exited during the benchmark:\n"
                                  + instance.log_text()[-4000:])

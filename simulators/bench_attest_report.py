@@ -6,13 +6,9 @@ from __future__ import annotations
 import os
 import statistics
 from collections import Counter, defaultdict
-from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .bench_report import machine_info, percentile
-
-if TYPE_CHECKING:
-    from .bench_attest import AttestBenchOptions
 
 TARGET_SERVER_CPU_MS = 3.0  # server CPU per attested enrollment
 TARGET_DEVICE_P50_MS = 300.0  # device wall time per enrollment, on swtpm
@@ -46,8 +42,8 @@ def _breakdown(ok: list[dict[str, Any]]) -> dict[str, Any]:
             "http_requests": per_call("http_calls")}
 
 
-def attest_report(options: AttestBenchOptions, group: str, processes: int, warmup: int,
-                  provisioning: dict[str, Any], reports: list[dict[str, Any]],
+def attest_report(settings: dict[str, Any], group: str, provisioning: dict[str, Any],
+                  reports: list[dict[str, Any]],
                   records: list[dict[str, Any]], elapsed: float, server_cpu: float,
                   swtpm_cpu: float, recorded: dict[str, int],
                   kept_dir: str | None) -> dict[str, Any]:
@@ -64,7 +60,7 @@ def attest_report(options: AttestBenchOptions, group: str, processes: int, warmu
     return {
         "benchmark": "attest.enroll",
         "machine": machine_info(),
-        "settings": {**asdict(options), "processes": processes, "warmup": warmup,
+        "settings": {**settings,
                      "group": group, "ca_backend": "pkcs11 (SoftHSM)",
                      "database": "sqlite (WAL)", "server": "gunicorn gthread over TLS",
                      "client": "device_sdk AttestedEnrollment (attempts=1), one device at "

@@ -23,11 +23,7 @@ import concurrent.futures
 import datetime as dt
 import http.client
 import json
-import multiprocessing
-import os
-import signal
 import ssl
-import subprocess
 import tempfile
 import threading
 import time
@@ -48,7 +44,10 @@ from device_sdk.notices import NoticeRejected, verify_notice
 from simulators.bench import create_tokens
 from simulators.bench_report import Progress, machine_info, no_progress, percentile
 from simulators.bench_revocation import bench_crl, bench_ocsp
-from simulators.served import BIN, ServedInstance, free_port, unthrottled
+from simulators.bench_rig import ClientPool, Shared
+from simulators.broker import NoticeLoop
+from simulators.operator_api import OperatorApi, OperatorApiError
+from simulators.served import ServedInstance, unthrottled
 
 TARGET_P99_MS = 500.0
 TARGET_CRL_SECONDS = 2.0
@@ -131,23 +130,16 @@ def _connect(agent: Agent, port: int, trust_anchor: Path,
     agent.client = client
 
 
-def _mosquitto(config: Path) -> subprocess.Popen[bytes]:
-    text = config.read_text()
-    if os.geteuid() == 0 and "\nuser " not in text:
-        config.write_text("user root\n" + text)
-    return subprocess.Popen(["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def _ocsp_client(host: str, port: int, trust_anchor: str, request_der: bytes,
-                 seconds: float, results: Any) -> None:
+                 seconds: float, shared: Shared) -> None:
     """One keep-alive HTTPS connection posting the same OCSP request (http.client: the
     client's own overhead stays small next to the server's)."""
     context = ssl.create_default_context(cafile=trust_anchor)
     connection = http.client.HTTPSConnection(host, port, context=context, timeout=30)
     headers = {"Content-Type": "application/ocsp-request"}
     count = errors = 0
-    deadline = time.monotonic() + seconds
+    shared.ready()
+    deadline = shared.wait_start() + seconds
     while time.monotonic() < deadline:
         connection.request("POST", "/ocsp", body=request_der, headers=headers)
         response = connection.getresponse()
@@ -157,7 +149,7 @@ def _ocsp_client(host: str, port: int, trust_anchor: str, request_der: bytes,
         else:
             errors += 1
     connection.close()
-    results.put((count, errors))
+    shared.finished((count, errors))
 
 
 def _ocsp_over_https(instance: ServedInstance, agents: list[Agent], seconds: float,
@@ -166,17 +158,17 @@ def _ocsp_over_https(instance: ServedInstance, agents: list[Agent], seconds: flo
     leaf = x509.load_pem_x509_certificate(agents[-1].cert.read_bytes())
     request_der = ocsp.OCSPRequestBuilder().add_certificate(
         leaf, issuer, hashes.SHA1()).build().public_bytes(serialization.Encoding.DER)  # noqa: S303
-    results: Any = multiprocessing.get_context("spawn").Queue()
-    processes = [multiprocessing.get_context("spawn").Process(
-        target=_ocsp_client, args=("localhost", instance.port, str(instance.trust_anchor),
-                                   request_der, seconds, results)) for _ in range(clients)]
-    started = time.monotonic()
-    for process in processes:
-        process.start()
-    totals = [results.get(timeout=seconds + 60) for _ in processes]
-    for process in processes:
-        process.join(30)
-    elapsed = time.monotonic() - started
+    pool = ClientPool()
+    try:
+        for _ in range(clients):
+            pool.spawn(_ocsp_client, "localhost", instance.port, str(instance.trust_anchor),
+                       request_der, seconds)
+        pool.wait_ready(timeout=120)
+        started = pool.go()
+        totals = pool.collect(0, "OCSP", timeout=seconds + 120)
+        elapsed = time.monotonic() - started
+    finally:
+        pool.close()
     answered = sum(count for count, _ in totals)
     return {"clients": clients, "seconds": round(elapsed, 2), "responses": answered,
             "errors": sum(errors for _, errors in totals),
@@ -190,8 +182,7 @@ def run_revoke_bench(devices: int = 200, revocations: int = 100, crl_entries: in
         raise ValueError("revocations must be between 1 and the number of devices")
     workdir = Path(tempfile.mkdtemp(prefix="enroll-bench-revoke-"))
     instance = ServedInstance(env=unthrottled())
-    broker: subprocess.Popen[bytes] | None = None
-    relay: subprocess.Popen[bytes] | None = None
+    loop: NoticeLoop | None = None
     agents: list[Agent] = []
     try:
         instance.start()
@@ -200,17 +191,10 @@ def run_revoke_bench(devices: int = 200, revocations: int = 100, crl_entries: in
 
         settings = load_settings(instance.config, environ=instance.env)
         agents = _enroll(instance, create_tokens(settings, devices), workdir, progress)
-        port = free_port()
-        instance.cli("broker-config", "--dir", str(workdir / "broker"), "--port", str(port))
-        broker = _mosquitto(workdir / "broker" / "mosquitto.conf")
-        relay = subprocess.Popen([str(BIN / "enroll-server"), "--config", str(instance.config),
-                                  "relay"], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.STDOUT, env={**os.environ, **instance.env},
-                                 start_new_session=True)
+        loop = NoticeLoop(instance, workdir).start()
         anchors = x509.load_pem_x509_certificates(instance.trust_anchor.read_bytes())
-        time.sleep(0.5)
         for agent in agents:
-            _connect(agent, port, instance.trust_anchor, anchors)
+            _connect(agent, loop.port, instance.trust_anchor, anchors)
         deadline = time.monotonic() + 120
         while sum(a.subscribed.is_set() for a in agents) < len(agents):
             if time.monotonic() > deadline:
@@ -231,25 +215,24 @@ def run_revoke_bench(devices: int = 200, revocations: int = 100, crl_entries: in
             if agent.client is not None:
                 agent.client.loop_stop()
                 agent.client.disconnect()
-        for process in (relay, broker):
-            if process is not None and process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(15)
+        if loop is not None:
+            loop.close()
         instance.cleanup()
 
 
 def _burst(instance: ServedInstance, victims: list[Agent],
            progress: Progress) -> dict[str, Any]:
     credential = (instance.dir / "secrets/operator.token").read_text().strip()
-    context = ssl.create_default_context(cafile=str(instance.trust_anchor))
     started: dict[str, float] = {}
 
     def revoke(agent: Agent) -> int:
-        with httpx.Client(verify=context, timeout=60) as client:
+        with OperatorApi(instance.url, instance.trust_anchor, credential) as api:
             started[agent.device_id] = time.monotonic()
-            return client.post(instance.url + "/api/v1/revocations",
-                               json={"device_id": agent.device_id, "reason": "keyCompromise"},
-                               headers={"Authorization": f"Bearer {credential}"}).status_code
+            try:
+                api.revoke(agent.device_id)
+            except OperatorApiError as error:
+                return error.status
+            return 200
 
     burst_started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(16) as pool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import signal
 import ssl
 import subprocess
 import threading
@@ -17,25 +16,15 @@ import paho.mqtt.client as mqtt
 from cryptography import x509
 
 from device_sdk.notices import NoticeRejected, verify_notice
-from simulators.served import BIN, ServedInstance, free_port, unthrottled
+from simulators.broker import NoticeLoop
+from simulators.fleet_devices import FIRMWARE_PCR, measure_firmware, tampered
+from simulators.served import ServedInstance, unthrottled
 
 CHAOS_KINDS = ("broker", "server", "relay")
 GROUP = "fleet"
+GATEWAY = "fleet-gateway"
 GOOD_FIRMWARE = b"fleet firmware image v1.0 (good)"
-BAD_FIRMWARE = b"fleet firmware image v1.0 (tampered)"
-FIRMWARE_PCR = 13  # firmware-hooks/enroll-device.conf: the PCR the image is measured into
-
-
-def measure_firmware(tcti_tpm: object, image: bytes) -> None:
-    """What firmware-hooks/measure-firmware.sh does: extend H(image) into the PCR."""
-    import hashlib
-
-    from tpm2_pytss import ESYS_TR, TPM2_ALG, TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA
-
-    digest = TPMT_HA(hashAlg=TPM2_ALG.SHA256,
-                     digest=TPMU_HA(sha256=hashlib.sha256(image).digest()))
-    tcti_tpm.esapi.pcr_extend(getattr(ESYS_TR, f"PCR{FIRMWARE_PCR}"),  # type: ignore[attr-defined]
-                              TPML_DIGEST_VALUES([digest]))
+BAD_FIRMWARE = tampered(GOOD_FIRMWARE)
 
 
 class Gateway:
@@ -46,7 +35,7 @@ class Gateway:
         self.notices: dict[str, float] = {}
         self.rejected: list[str] = []
         self.subscribed = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fleet-gateway",
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=GATEWAY,
                                   clean_session=False, protocol=mqtt.MQTTv311)
         context = ssl.create_default_context(cafile=str(trust_anchor))
         context.load_cert_chain(cert, key)
@@ -85,10 +74,13 @@ class Rig:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.instance = ServedInstance(env=unthrottled())
-        self.broker_port = free_port()
-        self.broker: subprocess.Popen[bytes] | None = None
-        self.relay: subprocess.Popen[bytes] | None = None
+        self.loop: NoticeLoop | None = None
         self.restarts = {kind: 0 for kind in CHAOS_KINDS}
+
+    @property
+    def broker_port(self) -> int:
+        assert self.loop is not None
+        return self.loop.port
 
     def start(self, roots: Path, manufacturer_dir: Path) -> None:
         self.instance.start()
@@ -96,13 +88,7 @@ class Rig:
                           "--key-types", "ec-p256")
         self.instance.cli("group", "set-pcrs", GROUP, "--pcrread",
                           str(self._reference_pcrs(manufacturer_dir)))
-        self.instance.cli("broker-config", "--dir", str(self.workdir / "broker"), "--port",
-                          str(self.broker_port), "--gateway", "fleet-gateway")
-        config = self.workdir / "broker" / "mosquitto.conf"
-        if os.geteuid() == 0:
-            config.write_text("user root\n" + config.read_text())
-        self.start_broker()
-        self.start_relay()
+        self.loop = NoticeLoop(self.instance, self.workdir, gateway=GATEWAY).start()
 
     def _reference_pcrs(self, manufacturer_dir: Path) -> Path:
         """Golden values from a reference device that measured the good firmware."""
@@ -120,37 +106,23 @@ class Rig:
                 check=True, env={**os.environ, "TPM2TOOLS_TCTI": swtpm.tcti}).stdout)
         return path
 
-    def start_broker(self) -> None:
-        self.broker = subprocess.Popen(
-            ["mosquitto", "-c", str(self.workdir / "broker" / "mosquitto.conf")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def start_relay(self) -> None:
-        log = open(self.workdir / "relay.log", "ab")  # noqa: SIM115 - owned by the process
-        self.relay = subprocess.Popen(
-            [str(BIN / "enroll-server"), "--config", str(self.instance.config), "relay"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.instance.env},
-            start_new_session=True)
-        log.close()
-
     def chaos(self, kind: str) -> None:
+        assert self.loop is not None
         if kind == "broker":
-            _stop(self.broker)
+            self.loop.broker.stop()
             time.sleep(0.5)
-            self.start_broker()
+            self.loop.broker.start()
         elif kind == "server":
             self.instance.stop()
             time.sleep(0.5)
             self.instance.start()
         elif kind == "relay":
-            if self.relay is not None:
-                self.relay.kill()  # SIGKILL: leases are left behind, by design
-                self.relay.wait(10)
-            self.start_relay()
+            self.loop.stop_relay(kill=True)  # SIGKILL: leases are left behind, by design
+            self.loop.start_relay()
         self.restarts[kind] += 1
 
-    def wait_settled(self, timeout: float = 60.0) -> None:
-        """After chaos: the server answers and the relay has emptied the outbox."""
+    def wait_settled(self, timeout: float = 300.0) -> None:
+        """After chaos: the relay has emptied the outbox (returns as soon as it has)."""
         import sqlite3
 
         deadline = time.monotonic() + timeout
@@ -163,19 +135,11 @@ class Rig:
             time.sleep(0.2)
 
     def close(self) -> None:
-        _stop(self.relay)
-        _stop(self.broker)
-        self.instance.cleanup()
-
-
-def _stop(process: subprocess.Popen[bytes] | None) -> None:
-    if process is not None and process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
+            if self.loop is not None:
+                self.loop.close()
+        finally:
+            self.instance.cleanup()
 
 
 def gateway_credentials(rig: Rig) -> tuple[Path, Path]:
@@ -188,7 +152,7 @@ def gateway_credentials(rig: Rig) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(
-        [x509.NameAttribute(NameOID.COMMON_NAME, "fleet-gateway")])).sign(key, hashes.SHA256())
+        [x509.NameAttribute(NameOID.COMMON_NAME, GATEWAY)])).sign(key, hashes.SHA256())
     token = rig.instance.token("default")
     with EstClient(rig.instance.url, rig.instance.trust_anchor) as client:
         certificate = client.simpleenroll(csr, token=token)

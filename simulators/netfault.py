@@ -1,5 +1,13 @@
-"""A TCP relay that drops its first connection mid-upload: "the network dropped during
-enrollment", for the fleet simulator. Later connections pass untouched."""
+"""A TCP relay that cuts one connection mid-upload: "the network dropped during
+enrollment", for the fleet simulator.
+
+The cut does not depend on timing: the relay counts the bytes it forwarded from the
+client over all connections, and the connection on which that count would pass
+``cut_after`` is cut at exactly that byte (the server never sees that request whole).
+Connections before it (for instance one that found the server down and forwarded
+nothing) and after it pass untouched. A device whose enrollment needs more than
+``cut_after`` bytes therefore always loses exactly one connection before it succeeds.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +17,8 @@ import threading
 
 
 class DroppingProxy:
-    """127.0.0.1:<port> -> target; connection number 1 is cut after ``cut_after`` bytes
-    from the client (mid-request: the server never sees it whole)."""
+    """127.0.0.1:<port> -> target, cutting the connection that carries client byte
+    number ``cut_after`` (counted over all connections)."""
 
     def __init__(self, target_host: str, target_port: int, cut_after: int = 3000) -> None:
         self.target = (target_host, target_port)
@@ -19,6 +27,8 @@ class DroppingProxy:
         self.port = self.listener.getsockname()[1]
         self.connections = 0
         self.dropped = 0
+        self.forwarded = 0  # client bytes sent upstream, all connections
+        self._lock = threading.Lock()
         self._closing = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -29,10 +39,20 @@ class DroppingProxy:
             except OSError:
                 return
             self.connections += 1
-            cut = self.cut_after if self.connections == 1 else None
-            threading.Thread(target=self._serve, args=(client, cut), daemon=True).start()
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
-    def _serve(self, client: socket.socket, cut: int | None) -> None:
+    def _allowance(self, size: int) -> int | None:
+        """How many of ``size`` client bytes may pass; None = all of them. Reserves them."""
+        with self._lock:
+            if self.dropped or self.forwarded + size <= self.cut_after:
+                self.forwarded += size
+                return None
+            allowed = max(0, self.cut_after - self.forwarded)
+            self.forwarded += allowed
+            self.dropped += 1
+            return allowed
+
+    def _serve(self, client: socket.socket) -> None:
         try:
             upstream = socket.create_connection(self.target, timeout=30)
         except OSError:
@@ -40,26 +60,24 @@ class DroppingProxy:
             return
         done = threading.Event()
 
-        def pump(source: socket.socket, sink: socket.socket, limit: int | None) -> None:
-            sent = 0
+        def pump(source: socket.socket, sink: socket.socket, upload: bool) -> None:
             with contextlib.suppress(OSError):
                 while not done.is_set():
                     data = source.recv(65536)
                     if not data:
                         break
-                    if limit is not None and sent + len(data) > limit:
-                        sink.sendall(data[:max(0, limit - sent)])
-                        self.dropped += 1
+                    allowed = self._allowance(len(data)) if upload else None
+                    if allowed is not None:
+                        sink.sendall(data[:allowed])
                         break
                     sink.sendall(data)
-                    sent += len(data)
             done.set()
             for end in (client, upstream):
                 with contextlib.suppress(OSError):
                     end.shutdown(socket.SHUT_RDWR)
 
-        threading.Thread(target=pump, args=(upstream, client, None), daemon=True).start()
-        pump(client, upstream, cut)
+        threading.Thread(target=pump, args=(upstream, client, False), daemon=True).start()
+        pump(client, upstream, True)
         client.close()
         upstream.close()
 

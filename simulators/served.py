@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -17,6 +16,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from .processes import stop_group
 
 
 def free_port() -> int:
@@ -80,6 +81,11 @@ class ServedInstance:
     def trust_anchor(self) -> Path:
         return self.dir / "ca" / "ca-chain.pem"
 
+    @property
+    def operator_token(self) -> str:
+        """The operator credential `enroll-server init` created (a Bearer token)."""
+        return (self.dir / "secrets" / "operator.token").read_text().strip()
+
     def cli(self, *args: str, check: bool = True,
             env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return enroll_server("--config", str(self.config), *args,
@@ -91,7 +97,8 @@ class ServedInstance:
     def token(self, group: str = "default", *extra: str) -> str:
         return self.cli_json("token", "create", "--group", group, *extra)["token"]
 
-    def start(self) -> None:
+    def start(self, timeout: float = 120.0) -> None:
+        """Serve; returns once /healthz answers (``timeout``: a bound for a busy machine)."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         self.process = subprocess.Popen(
             [str(BIN / "enroll-server"), "serve", "--config", str(self.config)],
@@ -99,7 +106,7 @@ class ServedInstance:
             start_new_session=True)
         log.close()
         context = ssl.create_default_context(cafile=str(self.trust_anchor))
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerProcessError("server exited:\n" + self.log_text())
@@ -112,13 +119,7 @@ class ServedInstance:
         raise ServerProcessError("server did not become healthy:\n" + self.log_text())
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
+        stop_group(self.process, 15)
         self.process = None
 
     def alive(self) -> bool:

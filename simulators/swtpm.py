@@ -6,32 +6,29 @@ state dir, or with a given ``state_dir`` so a device keeps its NV indices and pe
 objects across ``stop()`` / ``start()`` / ``restart()`` (a reboot).  ``.tcti`` is the
 TCTI string for tpm2-pytss (``ESAPI(tpm.tcti)``) and tpm2-tools (``TPM2TOOLS_TCTI``).
 
-Process hygiene: swtpm runs in its own session / process group, ``stop()`` sends an
-orderly TPM2_Shutdown, then SIGTERM, then SIGKILL to the whole group; instances still
+Process hygiene (simulators.processes): swtpm runs in its own process group, ``stop()``
+sends an orderly TPM2_Shutdown, then SIGTERM, then SIGKILL to the group; instances still
 running at interpreter exit are stopped by an atexit hook, and with
-``die_with_parent=True`` (default) the kernel kills swtpm if this process dies
-(PR_SET_PDEATHSIG via setpriv).  Caveat of PDEATHSIG: the "parent" is the *thread*
-that started swtpm, so pass ``die_with_parent=False`` when a short-lived worker thread
-starts a TPM that must outlive it.
+``die_with_parent=True`` (default) the kernel kills swtpm if the *thread* that started
+it dies (pass False when a short-lived worker thread starts a TPM that must outlive it).
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import random
 import shutil
-import signal
 import socket
 import struct
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
+
+from .processes import LIVE, die_with_parent, stop_group
 
 SWTPM_INSTALL_HINT = "apt-get install swtpm swtpm-tools"
 # Even base ports below the Linux ephemeral range (32768-60999), where other test services
@@ -44,10 +41,6 @@ _CMD_GET_CAPABILITY = 0x01
 # Raw TPM 2.0 commands (TPM 2.0 Part 3): TPM2_GetTestResult and TPM2_Shutdown(TPM_SU_CLEAR).
 _TPM2_GET_TEST_RESULT = bytes.fromhex("80010000000a0000017c")
 _TPM2_SHUTDOWN_CLEAR = bytes.fromhex("80010000000c000001450000")
-
-_live: set[SwtpmInstance] = set()  # strong refs: a forgotten instance is still stopped
-_live_lock = threading.Lock()
-
 
 class SwtpmError(RuntimeError):
     """swtpm is missing, could not start, or did not answer; the message holds its log."""
@@ -104,7 +97,7 @@ class SwtpmInstance:
         self._owns_state_dir = state_dir is None
         self._state_dir = Path(state_dir).absolute() if state_dir is not None else None
         self._start_timeout = start_timeout
-        self._die_with_parent = die_with_parent and shutil.which("setpriv") is not None
+        self._die_with_parent = die_with_parent
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self.port = 0
@@ -170,8 +163,7 @@ class SwtpmInstance:
             if outcome == "ready":
                 self.port = port
                 self.start_seconds = time.monotonic() - t0
-                with _live_lock:
-                    _live.add(self)
+                LIVE.add(self)
                 return
             if outcome == "failed":
                 raise SwtpmError(f"swtpm failed to start (state {self._state_dir}):\n{last_log}")
@@ -193,9 +185,7 @@ class SwtpmInstance:
             "--flags", "not-need-init,startup-clear",
             "--tpmstate", f"dir={self._state_dir}",
         ]  # fmt: skip
-        if self._die_with_parent:
-            command = ["setpriv", "--pdeathsig", "KILL", "--", *command]
-        return command
+        return die_with_parent(command, self._die_with_parent)
 
     def _launch(self, binary: str, port: int) -> tuple[str, str]:
         """Start one swtpm; returns ("ready" | "port-busy" | "failed", log text)."""
@@ -254,21 +244,11 @@ class SwtpmInstance:
     def _reap(self, timeout: float = 5.0, force: bool = False) -> None:
         """Signal the process group (swtpm leads it and forks no children) and wait."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            signals = [signal.SIGKILL] if force else [signal.SIGTERM, signal.SIGKILL]
-            for sig in signals:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(process.pid, sig)
-                try:
-                    process.wait(timeout if sig == signal.SIGTERM else 5.0)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+        stop_group(process, timeout, force=force)
         if self._log is not None:
             self._log.close()
             self._log = None
-        with _live_lock:
-            _live.discard(self)
+        LIVE.discard(self)
 
     def restart(self) -> None:
         """Reboot: stop and start on the same state; NV and persistent objects survive."""
@@ -285,12 +265,3 @@ class SwtpmInstance:
     def __repr__(self) -> str:
         state = f"port={self.port}" if self.running else "stopped"
         return f"<SwtpmInstance {state} state_dir={self._state_dir}>"
-
-
-@atexit.register
-def _stop_all() -> None:
-    with _live_lock:
-        instances = list(_live)
-    for instance in instances:
-        with contextlib.suppress(Exception):
-            instance.close()

@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.support.fixtures", "tests.support.fleet"]
+pytest_plugins = ["tpm_enroll_testing", "tests.support.fixtures", "tests.support.fleet"]

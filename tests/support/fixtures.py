@@ -1,4 +1,5 @@
-"""pytest plugin: private PostgreSQL / Mosquitto fixtures.
+"""pytest plugin of our own suite: private PostgreSQL / Mosquitto fixtures, and the names
+our tests use for the shipped plugin's fixtures (tpm_enroll_testing).
 
 Load with ``-p tests.support.fixtures`` or ``pytest_plugins = ["tests.support.fixtures"]``.
 A missing server binary makes the fixture raise, so dependent tests error out
@@ -57,18 +58,14 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 @pytest.fixture(scope="session")
-def est_instance() -> Iterator[ServedInstance]:
-    """One served instance (PKCS#11 CA key in SoftHSM, SQLite) shared by the session.
+def est_instance(enroll_server: ServedInstance) -> ServedInstance:
+    """The plugin's served instance (PKCS#11 CA key in SoftHSM, SQLite), shared by the
+    session: our suite runs on the fixture other projects get.
 
     Tests sharing it use their own device ids and tokens; tests that change the
     instance's configuration or break its HSM start their own ServedInstance.
     """
-    instance = ServedInstance()
-    try:
-        with instance:
-            yield instance
-    finally:
-        instance.cleanup()
+    return enroll_server
 
 
 def db_count(instance: ServedInstance, table: str, where: str = "1=1") -> int:

@@ -10,8 +10,6 @@ instance, broker and relay) and registered for every test module by tests/confte
 
 from __future__ import annotations
 
-import os
-import signal
 import ssl
 import subprocess
 import time
@@ -24,9 +22,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from device_sdk.est import decode_certs_only
-from simulators.served import BIN, ServedInstance
+from simulators.broker import NoticeLoop
+from simulators.served import ServedInstance
 from tests.support.est_helpers import csr_der, ec_key, est_body, key_pem, make_csr
-from tests.support.services import PrivateMosquitto, free_port
 
 
 @dataclass
@@ -42,42 +40,12 @@ class SoftDevice:
         return f"fleet/{self.group}/devices/{self.device_id}/notices"
 
 
-class RevocationRig:
+class RevocationRig(NoticeLoop):
+    """The plugin's NoticeLoop (broker-config + Mosquitto + relay) plus test helpers that
+    act as token-enrolled software devices (mosquitto_sub, openssl)."""
+
     def __init__(self, instance: ServedInstance, workdir: Path) -> None:
-        self.instance = instance
-        self.workdir = workdir
-        self.broker_dir = workdir / "broker"
-        port = free_port()
-        instance.cli("broker-config", "--dir", str(self.broker_dir), "--port", str(port))
-        self.broker = PrivateMosquitto(config_text=(self.broker_dir / "mosquitto.conf")
-                                       .read_text())
-        self.broker.port = port
-        self.relay: subprocess.Popen[bytes] | None = None
-        self.relay_log = workdir / "relay.log"
-
-    # -- processes -------------------------------------------------------------------
-    def start(self) -> RevocationRig:
-        self.broker.start()
-        self.start_relay()
-        return self
-
-    def start_relay(self) -> None:
-        log = open(self.relay_log, "ab")  # noqa: SIM115 - owned by the process
-        self.relay = subprocess.Popen(
-            [str(BIN / "enroll-server"), "--config", str(self.instance.config), "relay"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.instance.env},
-            start_new_session=True)
-        log.close()
-
-    def stop_relay(self) -> None:
-        if self.relay is not None and self.relay.poll() is None:
-            os.killpg(self.relay.pid, signal.SIGTERM)
-            self.relay.wait(15)
-        self.relay = None
-
-    def close(self) -> None:
-        self.stop_relay()
-        self.broker.close()
+        super().__init__(instance, workdir)
 
     # -- devices -----------------------------------------------------------------------
     def enroll(self, device_id: str, group: str = "default") -> SoftDevice:

@@ -1,4 +1,5 @@
-"""Private throw-away PostgreSQL / Mosquitto servers for tests.
+"""Private throw-away PostgreSQL servers for tests (Mosquitto: simulators.broker, which
+the pytest plugin tpm_enroll_testing ships; re-exported here).
 
 Each class is a context manager: it starts its own server in a fresh temp dir on
 a free loopback port and on exit stops every process and removes every file it
@@ -14,7 +15,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,14 +24,18 @@ from types import TracebackType
 from typing import Self
 from urllib.parse import urlsplit, urlunsplit
 
+from simulators.broker import (  # noqa: F401 - re-exported for the tests
+    PrivateMosquitto,
+    ServiceError,
+    port_open,
+)
+from simulators.broker import tail as _tail
+from simulators.served import free_port
+
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 MOSQUITTO_BIN = "/usr/sbin/mosquitto"
 POSTGRES_URL_ENV = "ENROLL_TEST_POSTGRES_URL"
 _DB_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-
-
-class ServiceError(RuntimeError):
-    """A private service could not be found, started or stopped."""
 
 
 class _Service:
@@ -53,28 +57,6 @@ class _Service:
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"(no log at {path})"
 
 
 def find_pg_bindir(pattern: str = PG_BIN_GLOB) -> Path:
@@ -220,101 +202,3 @@ class PrivatePostgres(_Service):
                     os.kill(self._pid, signal.SIGKILL)
             shutil.rmtree(self.base_dir, ignore_errors=True)
             self.base_dir, self._pid = None, None
-
-
-DEFAULT_MOSQUITTO_CONFIG = """\
-listener {port} 127.0.0.1
-allow_anonymous true
-persistence true
-persistence_location {dir}/
-log_dest file {dir}/mosquitto.log
-log_type all
-"""
-
-
-class PrivateMosquitto(_Service):
-    """A private Mosquitto broker on 127.0.0.1:``port``.
-
-    ``config_text`` replaces the whole default config; ``{port}`` and ``{dir}``
-    (the temp dir, also where ``log_text()`` expects mosquitto.log) are
-    substituted in it and in ``config_text_extra``.  When run as root, ``user root``
-    is prepended unless the config sets ``user``: otherwise mosquitto drops to
-    the ``mosquitto`` user, which cannot write the root-owned temp dir.
-    """
-
-    def __init__(
-        self, config_text_extra: str = "", *, config_text: str | None = None,
-        binary: str = MOSQUITTO_BIN, start_timeout: float = 10.0,
-    ) -> None:  # fmt: skip
-        if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
-            msg = f"mosquitto not found at {binary}; install it with: apt-get install mosquitto"
-            raise ServiceError(msg)
-        self.binary, self.start_timeout = binary, start_timeout
-        self.dir = Path(tempfile.mkdtemp(prefix="enroll-mqtt-"))
-        self.port = free_port()
-        self.conf_path, self.log_path = self.dir / "mosquitto.conf", self.dir / "mosquitto.log"
-        text = (DEFAULT_MOSQUITTO_CONFIG if config_text is None else config_text) + "\n"
-        text += config_text_extra
-        text = text.replace("{port}", str(self.port)).replace("{dir}", str(self.dir))
-        if os.geteuid() == 0 and not re.search(r"(?m)^\s*user\s", text):
-            text = "user root\n" + text
-        self.conf_path.write_text(text)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start_seconds = 0.0
-
-    def start(self) -> None:
-        """(Re)start the broker on the same port with the same config and persistence."""
-        if self.proc is not None and self.proc.poll() is None:
-            raise ServiceError("mosquitto is already running")
-        t0 = time.monotonic()
-        with open(self.dir / "stderr.log", "ab") as err:
-            self.proc = subprocess.Popen(
-                [self.binary, "-c", str(self.conf_path)],
-                stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT,
-                cwd=self.dir, start_new_session=True,
-            )  # fmt: skip
-        deadline = t0 + self.start_timeout
-        while not port_open(self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                state = "exited" if self.proc.poll() is not None else "not listening"
-                self.stop()
-                raise ServiceError(
-                    f"mosquitto {state} on port {self.port}:\n--- log tail ---\n"
-                    f"{_tail(self.log_path)}\n--- stderr ---\n{_tail(self.dir / 'stderr.log')}"
-                )
-            time.sleep(0.02)
-        self.start_seconds = time.monotonic() - t0
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the broker (SIGTERM, then SIGKILL); persistence is saved on SIGTERM."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def reload(self) -> None:
-        """Ask the broker to re-read its config (SIGHUP)."""
-        if self.proc is None or self.proc.poll() is not None:
-            raise ServiceError("mosquitto is not running")
-        self.proc.send_signal(signal.SIGHUP)
-
-    _open = start
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def close(self) -> None:
-        try:
-            self.stop()
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
