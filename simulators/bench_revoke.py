@@ -201,7 +201,8 @@ def run_revoke_bench(devices: int = 200, revocations: int = 100, crl_entries: in
         settings = load_settings(instance.config, environ=instance.env)
         agents = _enroll(instance, create_tokens(settings, devices), workdir, progress)
         port = free_port()
-        instance.cli("broker-config", "--dir", str(workdir / "broker"), "--port", str(port))
+        instance.cli("broker-config", "--dir", str(workdir / "broker"), "--port", str(port),
+                     "--service-port", str(free_port()), "--user", "root")
         broker = _mosquitto(workdir / "broker" / "mosquitto.conf")
         relay = subprocess.Popen([str(BIN / "enroll-server"), "--config", str(instance.config),
                                   "relay"], stdout=subprocess.DEVNULL,

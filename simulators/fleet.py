@@ -198,8 +198,8 @@ def _try_revoked(rig: Rig, workdir: Path, options: FleetOptions,
 
 def _forge(rig: Rig, targets: list[DeviceResult]) -> int:
     """Forged revocations of healthy devices, signed by a CA nobody trusts, published on
-    the fleet topic with the relay's own broker account (the worst case: a leaked
-    publisher credential). The gateway must reject every one (SECURITY-CHECKLIST 25)."""
+    the fleet topic with the relay's own broker identity (the worst case: a leaked
+    relay key). The gateway must reject every one (SECURITY-CHECKLIST 25)."""
     import datetime as dt
 
     import paho.mqtt.client as mqtt
@@ -221,10 +221,10 @@ def _forge(rig: Rig, targets: list[DeviceResult]) -> int:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fleet-forger",
                          protocol=mqtt.MQTTv311)
     context = ssl.create_default_context(cafile=str(rig.instance.trust_anchor))
-    context.load_cert_chain(rig.instance.dir / "mqtt/publisher.pem",
-                            rig.instance.dir / "mqtt/publisher.key")
+    context.load_cert_chain(rig.instance.dir / "mqtt/relays/main.pem",
+                            rig.instance.dir / "mqtt/relays/main.key")
     client.tls_set_context(context)
-    client.connect("localhost", rig.broker_port)
+    client.connect("localhost", rig.service_port)
     client.loop_start()
     try:
         for number, target in enumerate(targets, start=1):

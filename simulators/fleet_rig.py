@@ -86,6 +86,7 @@ class Rig:
         self.workdir = workdir
         self.instance = ServedInstance(env=unthrottled())
         self.broker_port = free_port()
+        self.service_port = free_port()  # the relays' listener
         self.broker: subprocess.Popen[bytes] | None = None
         self.relay: subprocess.Popen[bytes] | None = None
         self.restarts = {kind: 0 for kind in CHAOS_KINDS}
@@ -96,11 +97,11 @@ class Rig:
                           "--key-types", "ec-p256")
         self.instance.cli("group", "set-pcrs", GROUP, "--pcrread",
                           str(self._reference_pcrs(manufacturer_dir)))
+        # --user root: the broker may stay root in a simulation whose private 0700 workdir
+        # the mosquitto account could not enter.
         self.instance.cli("broker-config", "--dir", str(self.workdir / "broker"), "--port",
-                          str(self.broker_port), "--gateway", "fleet-gateway")
-        config = self.workdir / "broker" / "mosquitto.conf"
-        if os.geteuid() == 0:
-            config.write_text("user root\n" + config.read_text())
+                          str(self.broker_port), "--service-port", str(self.service_port),
+                          "--gateway", "fleet-gateway", "--user", "root")
         self.start_broker()
         self.start_relay()
 

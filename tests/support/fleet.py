@@ -6,14 +6,21 @@ instance, broker and relay) and registered for every test module by tests/confte
     RevocationRig: instance (SoftHSM CA) + `enroll-server broker-config` + a private
     Mosquitto running that configuration + `enroll-server relay` as a subprocess; devices
     enrolled by token with software keys (files, for mosquitto_sub / openssl).
+
+The broker runs broker-config's files in place, as an operator would: started as root
+(as the suite is here), Mosquitto switches to the `mosquitto` user and re-reads its
+config, ACL and CRL as that user on SIGHUP. So the broker directory lives in a temporary
+directory that user can traverse (pytest's own are 0700).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import ssl
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,14 +50,24 @@ class SoftDevice:
 
 
 class RevocationRig:
-    def __init__(self, instance: ServedInstance, workdir: Path) -> None:
+    def __init__(self, instance: ServedInstance, workdir: Path, *relays: str) -> None:
         self.instance = instance
         self.workdir = workdir
-        self.broker_dir = workdir / "broker"
-        port = free_port()
-        instance.cli("broker-config", "--dir", str(self.broker_dir), "--port", str(port))
+        self._broker_parent = Path(tempfile.mkdtemp(prefix="enroll-broker-"))
+        self._broker_parent.chmod(0o755)  # like /etc/mosquitto: the broker's user enters
+        self.broker_dir = self._broker_parent / "broker"
+        port, self.service_port = free_port(), free_port()
+        while self.service_port == port:
+            self.service_port = free_port()
+        self.broker_config = instance.cli_json(
+            "broker-config", "--dir", str(self.broker_dir), "--port", str(port),
+            "--service-port", str(self.service_port),
+            *(arg for name in relays for arg in ("--relay", name)), "--json")
         self.broker = PrivateMosquitto(config_text=(self.broker_dir / "mosquitto.conf")
                                        .read_text())
+        # Run the file in place (its copy in the private dir is unreadable to the
+        # broker's user on SIGHUP); the private dir keeps stderr.
+        self.broker.conf_path = self.broker_dir / "mosquitto.conf"
         self.broker.port = port
         self.relay: subprocess.Popen[bytes] | None = None
         self.relay_log = workdir / "relay.log"
@@ -62,12 +79,23 @@ class RevocationRig:
         return self
 
     def start_relay(self) -> None:
-        log = open(self.relay_log, "ab")  # noqa: SIM115 - owned by the process
-        self.relay = subprocess.Popen(
-            [str(BIN / "enroll-server"), "--config", str(self.instance.config), "relay"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.instance.env},
-            start_new_session=True)
+        self.relay = self.spawn_relay(self.relay_log)
+
+    def spawn_relay(self, log_path: Path, *args: str) -> subprocess.Popen[bytes]:
+        """`enroll-server relay ARGS` as a subprocess of its own session."""
+        log = open(log_path, "ab")  # noqa: SIM115 - owned by the process
+        process = subprocess.Popen(
+            [str(BIN / "enroll-server"), "--config", str(self.instance.config), "relay",
+             *args], stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, **self.instance.env}, start_new_session=True)
         log.close()
+        return process
+
+    @property
+    def relay_identity(self) -> tuple[Path, Path]:
+        """The default relay's certificate and key (pinned on the service listener)."""
+        relay = self.broker_config["relays"][0]
+        return Path(relay["certificate"]), Path(relay["key"])
 
     def stop_relay(self) -> None:
         if self.relay is not None and self.relay.poll() is None:
@@ -78,6 +106,7 @@ class RevocationRig:
     def close(self) -> None:
         self.stop_relay()
         self.broker.close()
+        shutil.rmtree(self._broker_parent, ignore_errors=True)
 
     # -- devices -----------------------------------------------------------------------
     def enroll(self, device_id: str, group: str = "default") -> SoftDevice:
@@ -97,6 +126,12 @@ class RevocationRig:
         key_path.write_bytes(key_pem(key))
         key_path.chmod(0o600)
         return SoftDevice(device_id, group, cert_path, key_path, certificate.serial_number)
+
+    def relay_args(self) -> list[str]:
+        """mosquitto_sub/pub connection options as the default relay (service listener)."""
+        cert, key = self.relay_identity
+        return ["-h", "localhost", "-p", str(self.service_port), "--cafile",
+                str(self.instance.trust_anchor), "--cert", str(cert), "--key", str(key)]
 
     def mqtt_args(self, device: SoftDevice) -> list[str]:
         return ["-h", "localhost", "-p", str(self.broker.port), "--cafile",
