@@ -192,6 +192,7 @@ def relay(ctx: Context, batch: int, identity: str | None) -> None:
                     lambda signer: notice_issuer(settings, signer), settings.revocation,
                     broker, clock)
     publisher = MqttPublisher(mqtt, client_id=client_id)
+    publisher.start()  # connected before the first notice; a refusal shows in the log now
     kicker = Kicker(mqtt, mqtt.kick_revoked_after_seconds)
     worker = OutboxRelay(repository, publisher, clock, batch=batch,
                          on_revocation_sent=kicker.schedule
