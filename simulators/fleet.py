@@ -80,6 +80,7 @@ def run_fleet(options: FleetOptions, progress: Progress = no_progress) -> dict[s
     rig = Rig(workdir)
     gateway: Gateway | None = None
     chaos_stop = threading.Event()
+    chaos_thread: threading.Thread | None = None
     try:
         manufacturer = Manufacturer.create(workdir / "vendor")
         Manufacturer.create(workdir / "unknown-vendor")  # the rogue devices' TPM maker
@@ -115,6 +116,8 @@ def run_fleet(options: FleetOptions, progress: Progress = no_progress) -> dict[s
         return report
     finally:
         chaos_stop.set()
+        if chaos_thread is not None:  # or it may restart a process after rig.close()
+            chaos_thread.join(60)
         if gateway is not None:
             gateway.close()
         rig.close()
@@ -224,9 +227,15 @@ def _forge(rig: Rig, targets: list[DeviceResult]) -> int:
     context.load_cert_chain(rig.instance.dir / "mqtt/relays/main.pem",
                             rig.instance.dir / "mqtt/relays/main.key")
     client.tls_set_context(context)
-    client.connect("localhost", rig.service_port)
+    connected = threading.Event()
+    client.on_connect = lambda c, u, f, reason, p: (
+        connected.set() if not reason.is_failure else None)
+    client.reconnect_delay_set(0.2, 2)  # the chaos may be restarting the broker right now
+    client.connect_async("localhost", rig.service_port)
     client.loop_start()
     try:
+        if not connected.wait(60):
+            raise RuntimeError("the forger could not reach the broker's service listener")
         for number, target in enumerate(targets, start=1):
             notice = Notice(device_id=target.device_id, type="revocation", serial="1",
                             sequence=10**6 + number, issued_at=now,
