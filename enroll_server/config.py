@@ -111,13 +111,14 @@ class RevocationSettings:
 
 @dataclass(frozen=True)
 class MqttSettings:
-    """The broker the outbox relay publishes notices to (mTLS, QoS 1)."""
+    """The broker the outbox relay publishes notices to (mTLS, QoS 1): its service
+    listener, with this relay's identity (written by `enroll-server broker-config`)."""
 
     host: str = "127.0.0.1"
-    port: int = 8883
+    port: int = 8884
     ca_file: Path = Path("ca/ca-chain.pem")
-    client_cert: Path = Path("mqtt/publisher.pem")
-    client_key: Path = Path("mqtt/publisher.key")
+    client_cert: Path = Path("mqtt/relays/main.pem")
+    client_key: Path = Path("mqtt/relays/main.key")
     topic_prefix: str = "fleet"
     # The broker's crlfile, kept current by the relay; SIGHUP makes Mosquitto re-read it.
     broker_crl_file: Path = Path("mqtt/crl.pem")

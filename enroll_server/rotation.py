@@ -13,14 +13,18 @@
        ``renew_after`` time spread over the window (SECURITY-CHECKLIST 27: the fleet must
        not come back at once), and the audit record;
     5. ca/ca-chain.pem rewritten: new issuing CA + root (what clients are given; a client
-       that trusts only the root keeps working, servers send their chain).
+       that trusts only the root keeps working, servers send their chain);
+    6. the TLS server certificates of the EST server and of the broker re-issued from the
+       new CA, same keys and names (tls_certificates.py); the broker is sent SIGHUP.
 
 Crash safety: nothing is visible to any other process before the commit of step 4. A
 crash before it leaves at most an unused key (token label or file) and certificate file;
-running the command again takes the next free name (issuing-ca-<n+1>).
+running the command again takes the next free name (issuing-ca-<n+1>). A crash after it
+leaves the TLS certificates on the old CA: `enroll-server ca reissue-tls` does step 6.
 
-Servers pick the new CA up when they reload (SIGHUP) or restart; until then they refuse
-to issue (503 ca.rotated, EnrollmentService._require_active_ca). The relay picks it up by
+Servers pick the new CA and their new TLS certificate up when they reload (SIGHUP) or
+restart; until then they refuse to issue (503 ca.rotated,
+EnrollmentService._require_active_ca). The relay picks it up by
 itself (notify/duties.py).
 """
 
@@ -56,6 +60,7 @@ from .notify.issuer import NoticeIssuer
 from .revocation import CrlPublisher
 from .store.models import Certificate, Device, IssuingCa
 from .store.repository import Repository, naive_utc
+from .tls_certificates import Reissued, reissue_tls_certificates
 
 MAX_SPREAD = dt.timedelta(days=30)
 
@@ -75,10 +80,12 @@ class RotationResult:
     crl_number: int
     notices: int
     renew_after: list[dt.datetime]  # as queued, in device order
+    tls: list[Reissued]
 
     def to_json(self) -> dict[str, object]:
         times = sorted(self.renew_after)
         return {"active": self.name, "retired": self.retired,
+                "tls": [r.to_json() for r in self.tls],
                 "subject": self.certificate.subject.rfc4514_string(),
                 "not_after": self.certificate.not_valid_after_utc.isoformat(),
                 "certificate": str(self.certificate_path),
@@ -248,8 +255,15 @@ def rotate(settings: Settings, repository: Repository, spread: dt.timedelta, *, 
     trust_anchor = settings.instance_dir / "ca" / "ca-chain.pem"
     _write_atomic(trust_anchor, (pem(certificate) + "".join(
         pem(c) for c in authorities.chain)).encode())
+    ours = {record.certificate.subject for record in records(repository)}
+    try:
+        tls = reissue_tls_certificates(settings, signer, ours)
+    except (OSError, ValueError) as error:  # the rotation itself is done: say what is left
+        tls = [Reissued("server", settings.tls.cert, None,
+                        f"could not re-issue the TLS certificates ({error}): fix it, then run "
+                        "`enroll-server ca reissue-tls`")]
     return RotationResult(name, retired, certificate, certificate_path, trust_anchor,
-                          crl.crl_number, len(current), times)
+                          crl.crl_number, len(current), times, tls)
 
 
 def describe(settings: Settings, repository: Repository,

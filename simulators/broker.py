@@ -146,6 +146,13 @@ class PrivateMosquitto:
         self.close()
 
 
+def _others_can_enter(directory: Path) -> bool:
+    """Whether an unprivileged account (the broker's, after it drops root) can reach
+    ``directory``: every directory on the way is searchable by others. When not (a
+    private 0700 work dir above it), the broker keeps running as root instead."""
+    return all(os.stat(path).st_mode & 0o001 for path in [directory, *directory.parents])
+
+
 class NoticeLoop:
     """What carries revocation notices from a served instance to its devices: the broker
     configured by `enroll-server broker-config` (mTLS, per-device ACL, the CA's CRL,
@@ -155,17 +162,44 @@ class NoticeLoop:
     topic (broker-config --gateway). The relay's log is ``relay_log``.
     """
 
-    def __init__(self, instance: ServedInstance, workdir: Path, *,
+    def __init__(self, instance: ServedInstance, workdir: Path, *relays: str,
                  gateway: str | None = None) -> None:
         self.instance, self.workdir = instance, workdir
-        self.broker_dir = workdir / "broker"
         self.relay_log = workdir / "relay.log"
-        port = free_port()
-        args = ["broker-config", "--dir", str(self.broker_dir), "--port", str(port)]
-        instance.cli(*args, *(["--gateway", gateway] if gateway else []))
+        # broker-config's files are run in place, as an operator would: started as root,
+        # Mosquitto switches to the `mosquitto` user and re-reads its config, ACL and CRL
+        # as that user on SIGHUP, so the broker directory must be one it can traverse
+        # (a pytest or fleet work dir is 0700).
+        self._broker_parent = Path(tempfile.mkdtemp(prefix="enroll-broker-"))
+        self._broker_parent.chmod(0o755)  # like /etc/mosquitto: the broker's user enters
+        self.broker_dir = self._broker_parent / "broker"
+        port, self.service_port = free_port(), free_port()
+        while self.service_port == port:
+            self.service_port = free_port()
+        args = ["broker-config", "--dir", str(self.broker_dir), "--port", str(port),
+                "--service-port", str(self.service_port),
+                *(arg for name in relays for arg in ("--relay", name)),
+                *(["--gateway", gateway] if gateway else []),
+                *([] if _others_can_enter(self._broker_parent) else ["--user", "root"])]
+        self.broker_config = instance.cli_json(*args)
         self.broker = PrivateMosquitto(
             config_text=(self.broker_dir / "mosquitto.conf").read_text(), port=port)
+        # Run the file in place (a copy in the private dir would be unreadable to the
+        # broker's user on SIGHUP); the private dir keeps stderr.
+        self.broker.conf_path = self.broker_dir / "mosquitto.conf"
         self.relay: subprocess.Popen[bytes] | None = None
+
+    @property
+    def relay_identity(self) -> tuple[Path, Path]:
+        """The default relay's certificate and key (pinned on the service listener)."""
+        relay = self.broker_config["relays"][0]
+        return Path(relay["certificate"]), Path(relay["key"])
+
+    def relay_args(self) -> list[str]:
+        """mosquitto_sub/pub connection options as the default relay (service listener)."""
+        cert, key = self.relay_identity
+        return ["-h", "localhost", "-p", str(self.service_port), "--cafile",
+                str(self.instance.trust_anchor), "--cert", str(cert), "--key", str(key)]
 
     @property
     def port(self) -> int:
@@ -183,10 +217,14 @@ class NoticeLoop:
         return self
 
     def start_relay(self) -> None:
-        with open(self.relay_log, "ab") as log:
-            self.relay = start_group(
-                [str(BIN / "enroll-server"), "--config", str(self.instance.config), "relay"],
-                log=log, env={**os.environ, **self.instance.env})
+        self.relay = self.spawn_relay(self.relay_log)
+
+    def spawn_relay(self, log_path: Path, *args: str) -> subprocess.Popen[bytes]:
+        """`enroll-server relay ARGS` as a subprocess of its own session."""
+        with open(log_path, "ab") as log:
+            return start_group(
+                [str(BIN / "enroll-server"), "--config", str(self.instance.config), "relay",
+                 *args], log=log, env={**os.environ, **self.instance.env})
 
     def stop_relay(self, *, kill: bool = False) -> None:
         """SIGTERM (a clean stop), or SIGKILL with ``kill`` (its leases are left behind)."""
@@ -198,6 +236,7 @@ class NoticeLoop:
             self.stop_relay()
         finally:
             self.broker.close()
+            shutil.rmtree(self._broker_parent, ignore_errors=True)
 
     def __enter__(self) -> Self:
         try:

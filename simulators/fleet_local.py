@@ -38,6 +38,7 @@ def run_local(options: FleetOptions, workdir: Path, progress: Progress) -> dict[
     rig = Rig(workdir)
     gateway: Gateway | None = None
     chaos_stop = threading.Event()
+    chaos_thread: threading.Thread | None = None
     try:
         vendor = options.manufacturer or workdir / "vendor"
         manufacturer = Manufacturer.load_or_create(vendor)
@@ -79,6 +80,8 @@ def run_local(options: FleetOptions, workdir: Path, progress: Progress) -> dict[
         return report
     finally:
         chaos_stop.set()
+        if chaos_thread is not None:  # or it may restart a process after rig.close()
+            chaos_thread.join(60)
         if gateway is not None:
             gateway.close()
         rig.close()
@@ -148,8 +151,8 @@ def _finish_chaos(rig: Rig, options: FleetOptions, stop: threading.Event,
 
 def _forge(rig: Rig, targets: list[DeviceResult]) -> int:
     """Forged revocations of healthy devices, signed by a CA nobody trusts, published on
-    the fleet topic with the relay's own broker account (the worst case: a leaked
-    publisher credential). The gateway must reject every one (SECURITY-CHECKLIST 25)."""
+    the fleet topic with the relay's own broker identity (the worst case: a leaked
+    relay key). The gateway must reject every one (SECURITY-CHECKLIST 25)."""
     import paho.mqtt.client as mqtt
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -169,12 +172,18 @@ def _forge(rig: Rig, targets: list[DeviceResult]) -> int:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fleet-forger",
                          protocol=mqtt.MQTTv311)
     context = ssl.create_default_context(cafile=str(rig.instance.trust_anchor))
-    context.load_cert_chain(rig.instance.dir / "mqtt/publisher.pem",
-                            rig.instance.dir / "mqtt/publisher.key")
+    assert rig.loop is not None
+    context.load_cert_chain(*rig.loop.relay_identity)
     client.tls_set_context(context)
-    client.connect("localhost", rig.broker_port)
+    connected = threading.Event()
+    client.on_connect = lambda c, u, f, reason, p: (
+        connected.set() if not reason.is_failure else None)
+    client.reconnect_delay_set(0.2, 2)  # a broker restart may be under way
+    client.connect_async("localhost", rig.loop.service_port)
     client.loop_start()
     try:
+        if not connected.wait(60):
+            raise RuntimeError("the forger could not reach the broker's service listener")
         for number, target in enumerate(targets, start=1):
             notice = Notice(device_id=target.device_id, type="revocation", serial="1",
                             sequence=10**6 + number, issued_at=now,

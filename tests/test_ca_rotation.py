@@ -7,7 +7,9 @@ an old device re-enrolls over mTLS with its old-CA certificate and gets a new-CA
 revocation of an old-CA certificate appears in the old CA's CRL (signed by the old CA)
 and in `openssl ocsp` (the old CA's own responder); Mosquitto takes both CAs' CRLs;
 every active device got exactly one signed ca_rotation notice with its own renew_after
-in the window; clients that trust only the root keep working.
+in the window; clients that trust only the root keep working; the EST server's and the
+broker's TLS certificates come from the new CA, so clients that trust only the new
+issuing CA (or only the root) connect to both, and a relay started afterwards publishes.
 """
 
 from __future__ import annotations
@@ -399,3 +401,130 @@ def test_a_file_backed_instance_rotates_to_file_keys_twice(tmp_path: Path) -> No
     assert len(instance.cli_json("ca", "list")) == 3
     moved = instance.cli_json("ca", "rotate", "--root-key", str(tmp_path / "offline-root.key"))
     assert moved["active"] == "issuing-ca-4"
+
+
+def peer_certificate(host: str, port: int, tls: ssl.SSLContext) -> x509.Certificate:
+    import socket
+
+    with socket.create_connection((host, port), timeout=10) as raw, \
+            tls.wrap_socket(raw, server_hostname=host) as connection:
+        return x509.load_der_x509_certificate(connection.getpeercert(binary_form=True))
+
+
+def only(cafile: Path, device: SoftDevice | None = None) -> ssl.SSLContext:
+    """A client that trusts exactly cafile, an intermediate allowed as anchor."""
+    tls = ssl.create_default_context(cafile=str(cafile))
+    tls.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    if device is not None:
+        tls.load_cert_chain(device.cert_path, device.key_path)
+    return tls
+
+
+def mqtt_connects(port: int, tls: ssl.SSLContext, client_id: str) -> bool:
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    done, result = threading.Event(), []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv311)
+    client.tls_set_context(tls)
+    client.on_connect = lambda c, u, f, reason, p: (result.append(reason), done.set())
+    try:
+        client.connect("localhost", port, keepalive=10)
+    except (OSError, ssl.SSLError):
+        return False
+    client.loop_start()
+    try:
+        return done.wait(15) and not result[0].is_failure
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_the_server_and_broker_tls_certificates_move_to_the_new_ca(world: Rotated) -> None:
+    instance, rig = world.instance, world.rig
+    tls = {item["listener"]: item for item in world.rotation["tls"]}
+    assert tls["server"]["reissued"] and tls["broker"]["reissued"], tls
+    assert tls["broker"]["next_step"] == "Mosquitto re-read it (SIGHUP)"
+    new_ca_only = world.write("new-ca-only.pem", world.new_ca)
+    root_only = world.write("root-only.pem", world.root)
+    port = int(instance.url.rsplit(":", 1)[1])
+    # The EST server (reloaded by the fixture's SIGHUP): same key, new issuer.
+    served = peer_certificate("localhost", port, only(new_ca_only))
+    served.verify_directly_issued_by(world.new_ca)
+    assert served.public_key() == load_pem_private_key(
+        (instance.dir / "tls/server.key").read_bytes(), None).public_key()
+    pinned = httpx.get(instance.url + "/.well-known/est/cacerts", verify=only(new_ca_only),
+                       timeout=10)  # an EST client that pins the new CA
+    assert set(decode_certs_only(pinned.content)) == {world.new_ca, world.root}
+    # The broker: both listeners, for clients pinning the new CA or trusting the root.
+    assert wait_for(lambda: (rig.broker_dir / "crl.pem").read_text().count(
+        "BEGIN X509 CRL") == 2, 30)  # the relay gave the broker the new CA and its CRL
+    device = world.rig.enroll("rot-tls-1")
+    relay_cert, relay_key = rig.relay_identity
+    relay = SoftDevice("relay", "", relay_cert, relay_key, 0)
+    for cafile in (new_ca_only, root_only):
+        for listener, client in ((rig.broker.port, device), (rig.service_port, relay)):
+            presented = peer_certificate("localhost", listener, only(cafile, client))
+            presented.verify_directly_issued_by(world.new_ca)
+            assert mqtt_connects(listener, only(cafile, client), f"rot-tls-{listener}")
+    # A relay started now trusts ca/ca-chain.pem (new CA + root) and still publishes.
+    rig.stop_relay()
+    rig.start_relay()
+    victim = world.rig.enroll("rot-tls-2")
+    listener = rig.subscribe(victim, wait=30)
+    instance.cli("revoke", "--device", victim.device_id)
+    token = listener.communicate(timeout=40)[0].strip()
+    notice = verify_notice(token, [world.root], victim.device_id, None,
+                           dt.datetime.now(dt.UTC))
+    assert notice.type == "revocation"
+
+
+def test_rotation_and_reissue_tls_keep_keys_and_names_and_leave_foreign_certificates(
+        tmp_path: Path) -> None:  # fmt: skip
+    """File-backed instance, nothing served: the files themselves."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    instance = ServedInstance(ca_key="file", directory=tmp_path / "instance")
+    broker_dir = tmp_path / "broker"
+    instance.cli("broker-config", "--dir", str(broker_dir), "--port", "18883",
+                 "--service-port", "18884", "--user", "root")  # pytest's tmp is 0700
+    server_pem, broker_pem = instance.dir / "tls/server.pem", broker_dir / "broker.pem"
+    before = {path: pem_file(path)[0] for path in (server_pem, broker_pem)}
+    server_pem.chmod(0o640)
+    rotation = instance.cli_json("ca", "rotate", "--spread", "10m")
+    new_ca = x509.load_pem_x509_certificate(Path(rotation["certificate"]).read_bytes())
+    assert [(t["listener"], t["reissued"]) for t in rotation["tls"]] == [
+        ("server", True), ("broker", True)]
+    assert rotation["tls"][1]["next_step"].startswith("Mosquitto is not running here")
+    for path, key_path in ((server_pem, instance.dir / "tls/server.key"),
+                           (broker_pem, broker_dir / "broker.key")):
+        leaf, chain = pem_file(path)
+        leaf.verify_directly_issued_by(new_ca)
+        assert chain == new_ca
+        assert leaf.public_key() == load_pem_private_key(key_path.read_bytes(),
+                                                         None).public_key()
+        old = before[path]
+        assert leaf.subject == old.subject
+        san = x509.SubjectAlternativeName
+        assert leaf.extensions.get_extension_for_class(san).value == \
+            old.extensions.get_extension_for_class(san).value
+    assert oct(server_pem.stat().st_mode & 0o777) == "0o640"  # mode kept
+    # A certificate this instance did not issue (say, a public one) is left alone.
+    key = load_pem_private_key((instance.dir / "tls/server.key").read_bytes(), None)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "est.example.net")])
+    foreign = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+               .public_key(key.public_key()).serial_number(1)
+               .not_valid_before(dt.datetime(2024, 1, 1, tzinfo=dt.UTC))
+               .not_valid_after(dt.datetime(2034, 1, 1, tzinfo=dt.UTC))
+               .sign(key, hashes.SHA256()))  # type: ignore[arg-type]
+    server_pem.write_bytes(foreign.public_bytes(serialization.Encoding.PEM))
+    again = instance.cli_json("ca", "reissue-tls", "--broker-dir", str(broker_dir), "--json")
+    assert [(t["listener"], t["reissued"]) for t in again] == [("server", False),
+                                                               ("broker", True)]
+    assert "left as it is" in again[0]["next_step"]
+    assert pem_file(server_pem) == [foreign]
+    actions = [row["action"] for row in instance.cli_json("audit", "--json")]
+    assert "ca.reissue_tls" in actions

@@ -104,29 +104,3 @@ def make_tls_server_certificate(server_public_key: ec.EllipticCurvePublicKey,
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
                 issuer_ski.value), critical=False)
             .sign(issuing_key, hashes.SHA256()))  # type: ignore[arg-type]
-
-
-def make_service_client_certificate(public_key: ec.EllipticCurvePublicKey,
-                                    issuing_certificate: x509.Certificate, issuing_key: object,
-                                    name: str, days: int = 365) -> x509.Certificate:
-    """A TLS client certificate for one of our own services (e.g. the relay's broker
-    login, CN = a reserved ``svc.`` name no device can be issued)."""
-    now = dt.datetime.now(dt.UTC)
-    issuer_ski = issuing_certificate.extensions.get_extension_for_class(
-        x509.SubjectKeyIdentifier)
-    return (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(issuing_certificate.subject).public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(min(now + dt.timedelta(days=days),
-                                 issuing_certificate.not_valid_after_utc))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(DIGITAL_SIGNATURE_ONLY, critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-                issuer_ski.value), critical=False)
-            .sign(issuing_key, signature_hash(issuing_key)))  # type: ignore[arg-type]

@@ -31,8 +31,8 @@ DIGITAL_SIGNATURE_ONLY = x509.KeyUsage(
     data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
     encipher_only=False, decipher_only=False)
 
-# Broker usernames of the service itself (the relay's publisher certificate): no device
-# may ever be issued one, or it would get the publisher's ACL.
+# Broker usernames of the service itself (relays: svc.relay.<name>): no device
+# may ever be issued one, or it would get a relay's ACL (the ACL file is global).
 SERVICE_IDENTITY_PREFIX = "svc."
 
 

@@ -3,11 +3,19 @@
 Mosquitto checks its CRL when a client connects, not afterwards: a device revoked while
 connected would stay connected. MQTT has a standard way to end a session: a new
 connection with the same client id takes it over (MQTT 3.1.1 section 3.1.4: "the Server
-MUST disconnect the existing Client"). Devices use their device id as client id, so a
-few seconds after a device's revocation notice went out (time for an honest agent to
-read it), the relay connects under that client id with a clean session, then leaves.
-The broker's CRL already refuses the device's reconnection; the clean session also
-drops whatever the broker still queued for it.
+MUST disconnect the existing Client"). A device's client id is its device id (the fleet
+listener forces it to the certificate CN), so a few seconds after a device's revocation
+notice went out (time for an honest agent to read it), the relay connects under that
+client id with a clean session, then leaves. The broker's CRL already refuses the
+device's reconnection; the clean session also drops whatever the broker still queued
+for it.
+
+The relay connects to the service listener (notify/broker.py), which only pinned relay
+identities can reach and which keeps the client id it is given; Mosquitto's client ids
+are one namespace across listeners, so the takeover ends the device's session on the
+fleet listener (checked with 2.0.11: "Client <id> already connected, closing old
+connection"). Devices cannot do the same to each other: on the fleet listener their
+client id is always their own CN.
 """
 
 from __future__ import annotations

@@ -105,23 +105,41 @@ class MqttPublisher:
     def __init__(self, settings: MqttSettings, client_id: str, timeout: float = 10.0) -> None:
         self.settings = settings
         self.timeout = timeout
+        self.client_id = client_id
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=mqtt.MQTTv311, clean_session=True)
         context = ssl.create_default_context(cafile=str(settings.ca_file))
         context.load_cert_chain(str(settings.client_cert), str(settings.client_key))
         self.client.tls_set_context(context)
         self.connected = threading.Event()
-        self.client.on_connect = lambda c, u, f, reason, p: (
-            self.connected.set() if not reason.is_failure else None)
-        self.client.on_disconnect = lambda c, u, f, reason, p: self.connected.clear()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
         self._started = False
 
-    def connect(self) -> None:
+    def _on_connect(self, client, userdata, flags, reason, properties) -> None:
+        if reason.is_failure:
+            log.warning("relay: the broker refused %s: %s", self.client_id, reason)
+            return
+        log.info("relay: connected to the broker %s:%d as %s", self.settings.host,
+                 self.settings.port, self.client_id)
+        self.connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason, properties) -> None:
+        self.connected.clear()
+        if reason.is_failure:  # not our own disconnect(): the network, or a takeover
+            log.warning("relay: lost the broker connection of %s (%s); reconnecting",
+                        self.client_id, reason)
+
+    def start(self) -> None:
+        """Connect in the background; paho reconnects with backoff (1 ... 10 s)."""
         if not self._started:
             self.client.connect_async(self.settings.host, self.settings.port, keepalive=30)
             self.client.reconnect_delay_set(min_delay=1, max_delay=10)
             self.client.loop_start()
             self._started = True
+
+    def connect(self) -> None:
+        self.start()
         if not self.connected.wait(self.timeout):
             raise ConnectionError(f"MQTT broker {self.settings.host}:{self.settings.port} "
                                   "not reachable")

@@ -2,7 +2,7 @@
 manufacturer) behind tpm2-abrmd on a private D-Bus, enrolled with `enroll-device enroll`
 (TPM-attested), running `enroll-device agent --json` as a subprocess.
 
-Also: publishing arbitrary notices with mosquitto_pub under the relay's publisher
+Also: publishing arbitrary notices with mosquitto_pub under the relay's identity
 certificate (the only identity the broker lets write a device's notice topic).
 """
 
@@ -166,11 +166,9 @@ class AgentDevice:
 
 def publish_as_relay(instance: ServedInstance, rig: RevocationRig, topic: str,
                      payload: str, retain: bool = False) -> None:
-    """mosquitto_pub with the relay's publisher certificate (QoS 1)."""
-    args = ["mosquitto_pub", "-h", "localhost", "-p", str(rig.broker.port), "--cafile",
-            str(instance.trust_anchor), "--cert", str(instance.dir / "mqtt/publisher.pem"),
-            "--key", str(instance.dir / "mqtt/publisher.key"), "-i",
-            f"test-publisher-{os.getpid()}", "-t", topic, "-q", "1", "-m", payload]
+    """mosquitto_pub with the relay's identity, on the service listener (QoS 1)."""
+    args = ["mosquitto_pub", *rig.relay_args(), "-i", f"test-publisher-{os.getpid()}",
+            "-t", topic, "-q", "1", "-m", payload]
     if retain:
         args.append("-r")
     result = subprocess.run(args, capture_output=True, text=True, timeout=30)
@@ -180,9 +178,6 @@ def publish_as_relay(instance: ServedInstance, rig: RevocationRig, topic: str,
 def read_retained(instance: ServedInstance, rig: RevocationRig, topic: str) -> str:
     """The retained message on topic (as the relay identity, which may read fleet/#)."""
     result = subprocess.run(
-        ["mosquitto_sub", "-h", "localhost", "-p", str(rig.broker.port), "--cafile",
-         str(instance.trust_anchor), "--cert", str(instance.dir / "mqtt/publisher.pem"),
-         "--key", str(instance.dir / "mqtt/publisher.key"), "-i",
-         f"test-reader-{os.getpid()}", "-t", topic, "-C", "1", "-W", "5", "--retained-only"],
-        capture_output=True, text=True, timeout=30)
+        ["mosquitto_sub", *rig.relay_args(), "-i", f"test-reader-{os.getpid()}", "-t", topic,
+         "-C", "1", "-W", "5", "--retained-only"], capture_output=True, text=True, timeout=30)
     return result.stdout.strip()

@@ -42,29 +42,15 @@ class SoftDevice:
 
 class RevocationRig(NoticeLoop):
     """The plugin's NoticeLoop (broker-config + Mosquitto + relay) plus test helpers that
-    act as token-enrolled software devices (mosquitto_sub, openssl)."""
+    act as token-enrolled software devices (mosquitto_sub, openssl). ``relays`` names
+    relay identities to create besides the default one (broker-config --relay)."""
 
-    def __init__(self, instance: ServedInstance, workdir: Path) -> None:
-        super().__init__(instance, workdir)
+    def __init__(self, instance: ServedInstance, workdir: Path, *relays: str) -> None:
+        super().__init__(instance, workdir, *relays)
 
     # -- devices -----------------------------------------------------------------------
     def enroll(self, device_id: str, group: str = "default") -> SoftDevice:
-        key = ec_key()
-        token = self.instance.token(group)
-        context = ssl.create_default_context(cafile=str(self.instance.trust_anchor))
-        response = httpx.post(self.instance.url + "/.well-known/est/simpleenroll",
-                              content=est_body(csr_der(make_csr(key, device_id))),
-                              headers={"Content-Type": "application/pkcs10",
-                                       "Authorization": f"Bearer {token}"},
-                              verify=context, timeout=30)
-        assert response.status_code == 200, response.text
-        certificate = decode_certs_only(response.content)[0]
-        cert_path = self.workdir / f"{device_id}.pem"
-        key_path = self.workdir / f"{device_id}.key"
-        cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(key_pem(key))
-        key_path.chmod(0o600)
-        return SoftDevice(device_id, group, cert_path, key_path, certificate.serial_number)
+        return enroll_soft_device(self.instance, self.workdir, device_id, group)
 
     def mqtt_args(self, device: SoftDevice) -> list[str]:
         return ["-h", "localhost", "-p", str(self.broker.port), "--cafile",
@@ -87,6 +73,27 @@ class RevocationRig(NoticeLoop):
         return subprocess.run(["mosquitto_sub", *self.mqtt_args(device), "-t", device.topic,
                                "-W", "1", "-C", "1"], capture_output=True, text=True,
                               timeout=20)
+
+
+def enroll_soft_device(instance: ServedInstance, workdir: Path, device_id: str,
+                       group: str = "default") -> SoftDevice:
+    """A device enrolled by token with a software key (files in workdir)."""
+    key = ec_key()
+    token = instance.token(group)
+    context = ssl.create_default_context(cafile=str(instance.trust_anchor))
+    response = httpx.post(instance.url + "/.well-known/est/simpleenroll",
+                          content=est_body(csr_der(make_csr(key, device_id))),
+                          headers={"Content-Type": "application/pkcs10",
+                                   "Authorization": f"Bearer {token}"},
+                          verify=context, timeout=30)
+    assert response.status_code == 200, response.text
+    certificate = decode_certs_only(response.content)[0]
+    cert_path = workdir / f"{device_id}.pem"
+    key_path = workdir / f"{device_id}.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key_pem(key))
+    key_path.chmod(0o600)
+    return SoftDevice(device_id, group, cert_path, key_path, certificate.serial_number)
 
 
 def wait_for(predicate, timeout: float = 15.0, interval: float = 0.1) -> bool:
