@@ -20,7 +20,7 @@ crash before it leaves at most an unused key (token label or file) and certifica
 running the command again takes the next free name (issuing-ca-<n+1>).
 
 Servers pick the new CA up when they reload (SIGHUP) or restart; until then they refuse
-to issue (503 ca.rotated, EnrollmentService._require_active_ca). The relay picks it up by
+to issue (503 ca.rotated, store/devices.py _require_active_ca). The relay picks it up by
 itself (notify/duties.py).
 """
 

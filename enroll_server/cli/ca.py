@@ -11,20 +11,11 @@ from pathlib import Path
 
 import click
 
-from .cli_ops import (
-    Context,
-    fail,
-    json_option,
-    main,
-    operator,
-    parse_duration,
-    pass_context,
-    render,
-)
-from .errors import EnrollError
+from ..errors import EnrollError
+from .common import Context, fail, json_option, operator, parse_duration, pass_context, render
 
 
-@main.group(epilog="""\b
+@click.group(epilog="""\b
 Examples:
   enroll-server ca list
   enroll-server ca rotate --spread 6h
@@ -41,7 +32,7 @@ def ca() -> None:
 @pass_context
 def ca_list(ctx: Context, as_json: bool) -> None:
     """Every issuing CA generation, its status and the certificates it still has."""
-    from .rotation import describe
+    from ..rotation import describe
 
     render(describe(ctx.settings(), ctx.repository()), as_json,
            ["name", "status", "live", "not_after", "certificates", "key", "subject"])
@@ -70,7 +61,7 @@ def ca_rotate(ctx: Context, spread: str, root_key: Path | None,
               root_passphrase_file: Path | None, as_json: bool) -> None:
     """Create the next issuing CA, make it active, retire the current one, and queue a
     signed ca_rotation notice (jittered renew_after) for every active device."""
-    from .rotation import iso, rotate
+    from ..rotation import iso, rotate
 
     window = parse_duration(spread)
     try:

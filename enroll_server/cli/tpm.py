@@ -1,4 +1,5 @@
-"""Operator commands for TPM attestation: EK allowlists, golden PCRs, evidence, AK pins.
+"""Operator commands for TPM attestation: EK allowlists, golden PCRs, evidence, AK pins
+(cli/__init__.py adds them to the `group` and `devices` command groups).
 
     enroll-server group allow-ek GROUP (--ek-cert F | --ek-public F | --ek-sha256 HEX)
     enroll-server group set-pcrs GROUP --pcrread F [--pcrs sha256:0,1,2,7] | --clear
@@ -18,19 +19,9 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from . import attestation as att
-from .cli_ops import (
-    Context,
-    _cell,
-    devices,
-    group,
-    group_or_fail,
-    json_option,
-    operator,
-    pass_context,
-)
-from .errors import EnrollError
-from .store.models import AttestationEvidence, Certificate, Device, EkAllowlistEntry
+from .. import attestation as att
+from ..errors import EnrollError
+from .common import Context, cell, group_or_fail, json_option, operator, pass_context
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -56,7 +47,7 @@ def _ek_identity(ek_cert: Path | None, ek_public: Path | None, ek_sha256: str | 
     return identity
 
 
-@group.command("allow-ek", epilog="""\b
+@click.command("allow-ek", epilog="""\b
 Examples:
   enroll-server group allow-ek fleet --ek-cert ek.der --note "rack 4, unit 12"
   tpm2_createek -c ek.ctx -G ecc -u ek.pub && enroll-server group allow-ek fleet --ek-public ek.pub
@@ -78,15 +69,7 @@ def group_allow_ek(ctx: Context, group_name: str, ek_cert: Path | None,
     identity = _ek_identity(ek_cert, ek_public, ek_sha256)
     repository = ctx.repository()
     group_row = group_or_fail(repository, group_name)
-    with repository.transaction():
-        if remove:
-            changed = EkAllowlistEntry.delete().where(
-                (EkAllowlistEntry.group == group_row)
-                & (EkAllowlistEntry.ek_sha256 == identity)).execute()
-        else:
-            changed = (EkAllowlistEntry.insert(group=group_row, ek_sha256=identity,
-                                               note=note[:256])
-                       .on_conflict_ignore().execute()) and 1
+    changed = repository.allowlist_ek(group_row.id, identity, note, remove)
     repository.audit(actor=operator(), action="group.allow_ek", outcome="success",
                      group=group_name, device_id=identity,
                      detail={"remove": remove, "changed": bool(changed)})
@@ -111,7 +94,7 @@ def _parse_selection(text: str) -> dict[str, list[int]]:
     return selection
 
 
-@group.command("set-pcrs", epilog="""\b
+@click.command("set-pcrs", epilog="""\b
 Examples (record golden values from a reference device running good firmware):
   tpm2_pcrread sha256:0,1,2,3,7 -o /dev/null > reference.yaml
   enroll-server group set-pcrs fleet --pcrread reference.yaml
@@ -140,10 +123,8 @@ def group_set_pcrs(ctx: Context, group_name: str, pcrread: Path | None, pcrs: st
             raise click.BadParameter(str(error), param_hint="--pcrread/--pcrs") from None
         document = json.dumps(att.pcr_policy_to_json(policy), sort_keys=True)
     repository = ctx.repository()
-    group_row = group_or_fail(repository, group_name)
-    with repository.transaction():
-        type(group_row).update(pcr_policy=document).where(
-            type(group_row).id == group_row.id).execute()
+    group_or_fail(repository, group_name)
+    repository.change_group(group_name, pcr_policy=document)
     repository.audit(actor=operator(), action="group.set_pcrs", outcome="success",
                      group=group_name, detail=document or "cleared")
     if clear:
@@ -155,7 +136,7 @@ def group_set_pcrs(ctx: Context, group_name: str, pcrread: Path | None, pcrs: st
                    "values.")
 
 
-@group.command("set-ek-crls", epilog="""\b
+@click.command("set-ek-crls", epilog="""\b
 Examples (CRLs your TPM manufacturers publish; refresh them as they do):
   curl -o vendor-ek-ca.crl http://pki.example-tpm-vendor.com/ek-ca-001.crl
   enroll-server group set-ek-crls fleet --crl vendor-ek-ca.crl --crl vendor-root.crl
@@ -180,9 +161,8 @@ def group_set_ek_crls(ctx: Context, group_name: str, crls: tuple[Path, ...],
             raise click.BadParameter(f"{path}: not a CRL ({error})", param_hint="--crl") from None
     pem = "".join(crl.public_bytes(serialization.Encoding.PEM).decode() for crl in loaded)
     repository = ctx.repository()
-    group_row = group_or_fail(repository, group_name)
-    with repository.transaction():
-        type(group_row).update(ek_crls_pem=pem).where(type(group_row).id == group_row.id).execute()
+    group_or_fail(repository, group_name)
+    repository.change_group(group_name, ek_crls_pem=pem)
     revoked = sum(len(list(crl)) for crl in loaded)
     repository.audit(actor=operator(), action="group.set_ek_crls", outcome="success",
                      group=group_name, detail={"crls": len(loaded), "revoked": revoked})
@@ -190,15 +170,12 @@ def group_set_ek_crls(ctx: Context, group_name: str, crls: tuple[Path, ...],
                "certificate(s)." if loaded else f"Group {group_name!r} has no EK CRLs now.")
 
 
-def evidence_records(device_id: str) -> list[dict[str, Any]]:
+def evidence_records(repository, device_id: str) -> list[dict[str, Any]]:  # noqa: ANN001
     """What justified each attested certificate of a device (newest first)."""
-    rows = (AttestationEvidence.select(AttestationEvidence, Certificate)
-            .join(Certificate).join(Device).where(Device.device_id == device_id)
-            .order_by(AttestationEvidence.id.desc()))
-    return [_describe(row) for row in rows]
+    return [_describe(row) for row in repository.evidence(device_id)]
 
 
-def _describe(row: AttestationEvidence) -> dict[str, Any]:
+def _describe(row) -> dict[str, Any]:  # noqa: ANN001 - an attestation_evidence row
     certify = att.parse_attest(bytes(row.certify_info))
     record: dict[str, Any] = {
         "serial": format(int(row.certificate.serial), "x"), "at": row.created_at,
@@ -231,7 +208,7 @@ def print_evidence(records: list[dict[str, Any]]) -> None:
     if not records:
         click.echo("(no attestation evidence: not enrolled with a TPM)")
     for record in records:
-        click.echo(f"certificate {record['serial']}  ({_cell(record['at'])})")
+        click.echo(f"certificate {record['serial']}  ({cell(record['at'])})")
         ek = record["ek_certificate"]
         ek_text = f"{ek['issuer']}, serial {ek['serial']}" if ek else "- (allowlisted EK)"
         click.echo(f"  EK certificate   {ek_text}")
@@ -244,7 +221,7 @@ def print_evidence(records: list[dict[str, Any]]) -> None:
                        f"resetCount {quote['reset_count']}")
 
 
-@devices.command("evidence",
+@click.command("evidence",
                  epilog="\b\nExample:\n  enroll-server devices evidence 3f1c...e9 --json")
 @click.argument("device_id")
 @json_option
@@ -252,22 +229,20 @@ def print_evidence(records: list[dict[str, Any]]) -> None:
 def devices_evidence(ctx: Context, device_id: str, as_json: bool) -> None:
     """The TPM evidence behind each certificate of a device (--json: raw structures)."""
     repository = ctx.repository()
-    records = repository.run(lambda: evidence_records(device_id))
+    records = evidence_records(repository, device_id)
     if as_json:
         click.echo(json.dumps(records, indent=2, default=str))
     else:
         print_evidence(records)
 
 
-@devices.command("unpin-ak", epilog="\b\nExample:\n  enroll-server devices unpin-ak 3f1c...e9")
+@click.command("unpin-ak", epilog="\b\nExample:\n  enroll-server devices unpin-ak 3f1c...e9")
 @click.argument("device_id")
 @pass_context
 def devices_unpin_ak(ctx: Context, device_id: str) -> None:
     """Re-admit a TPM whose attestation key changed (e.g. after TPM2_Clear)."""
     repository = ctx.repository()
-    with repository.transaction():
-        changed = Device.update(ak_name="").where(Device.device_id == device_id).execute()
-    if not changed:
+    if not repository.unpin_ak(device_id):
         raise click.ClickException(f"no device {device_id!r}; see `enroll-server devices list`")
     repository.audit(actor=operator(), action="device.unpin_ak", outcome="success",
                      device_id=device_id)

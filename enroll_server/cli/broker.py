@@ -16,10 +16,10 @@ from pathlib import Path
 import click
 import tomli_w
 
-from .cli_ops import Context, main, pass_context
+from .common import Context, pass_context
 
 
-@main.command("broker-config", epilog="""\b
+@click.command("broker-config", epilog="""\b
 Examples:
   enroll-server broker-config --dir ./broker
   mosquitto -c ./broker/mosquitto.conf
@@ -41,16 +41,15 @@ publisher certificate, and points this instance's [mqtt] settings at them.""")
 def broker_config(ctx: Context, directory: Path, port: int, bind: str,
                   hostnames: tuple[str, ...], gateways: tuple[str, ...]) -> None:
     """Write a Mosquitto configuration that enforces device identities and revocation."""
-    from .notify.broker import write_broker_config
-    from .revocation import latest_crl
-    from .services import load_authorities
+    from ..notify.broker import write_broker_config
+    from ..services import load_authorities
 
     settings = ctx.settings()
     repository = ctx.repository()
     authorities = load_authorities(settings, repository)
     crls = []
     for signer in authorities.live():  # Mosquitto needs the CRL of every CA it trusts
-        latest = repository.read(lambda name=signer.name: latest_crl(name))
+        latest = repository.latest_crl(signer.name)
         if latest is None:
             raise click.ClickException(f"no CRL of {signer.name} published yet: run "
                                        "`enroll-server crl publish`")
@@ -75,7 +74,7 @@ def broker_config(ctx: Context, directory: Path, port: int, bind: str,
     click.echo("  then:       enroll-server relay   (publishes notices, keeps the CRL current)")
 
 
-@main.command(epilog="""\b
+@click.command(epilog="""\b
 Examples:
   enroll-server --config ./instance/config.toml relay
 \b
@@ -84,11 +83,11 @@ Runs until SIGINT/SIGTERM. Several relays may run against one PostgreSQL databas
 @pass_context
 def relay(ctx: Context, batch: int) -> None:
     """Publish queued notices to the broker; renewals, CRLs of every CA, broker CRL."""
-    from .notify.broker import BrokerCrlSync
-    from .notify.duties import Duties
-    from .notify.kicker import Kicker
-    from .notify.outbox import MqttPublisher, OutboxRelay
-    from .services import load_authorities, notice_issuer
+    from ..notify.broker import BrokerCrlSync
+    from ..notify.duties import Duties
+    from ..notify.kicker import Kicker
+    from ..notify.outbox import MqttPublisher, OutboxRelay
+    from ..services import load_authorities, notice_issuer
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s relay %(levelname)s %(message)s")
