@@ -10,7 +10,7 @@ APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config tpm2-openssl
 	postgresql openssl curl gcc python3-dev python3-venv systemd shellcheck
 PYTEST_ARGS ?=
 
-.PHONY: all install system-deps venv test demo bench lint clean
+.PHONY: all install system-deps venv test test-fast demo bench lint clean
 
 all: test
 
@@ -36,6 +36,11 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Everything but the integration tests (served instances, swtpm, SoftHSM, Mosquitto,
+# PostgreSQL): the in-process and pure tests, in seconds.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not integration" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

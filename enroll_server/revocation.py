@@ -222,19 +222,30 @@ class CrlRebuilder:
         self.service = service
         self._dirty: set[str] = set()
         self._wake = threading.Condition()
+        self._stopped = False
         self.rebuilds = 0
-        threading.Thread(target=self._run, name="crl-rebuilder", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="crl-rebuilder", daemon=True)
+        self._thread.start()
 
     def request(self, issuers: list[str]) -> None:
         with self._wake:
             self._dirty.update(issuers)
             self._wake.notify()
 
+    def stop(self) -> None:
+        """Finish the rebuild under way and any requested, then end the thread."""
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join()
+
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._dirty:
+                while not self._dirty and not self._stopped:
                     self._wake.wait()
+                if not self._dirty:
+                    return
                 issuers, self._dirty = sorted(self._dirty), set()
             self.service.republish_crls(issuers)  # logs failures; the relay retries
             self.rebuilds += 1

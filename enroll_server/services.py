@@ -48,6 +48,12 @@ class Services:
         """The active CA's CRL publisher."""
         return self.crls[self.signer.name]
 
+    def close(self) -> None:
+        """Stop the background CRL rebuilder and close the database (tests, reloads)."""
+        if self.revocation.rebuilder is not None:
+            self.revocation.rebuilder.stop()
+        self.database.close()
+
 
 def open_store(settings: Settings) -> tuple[pw.Database, Repository]:
     """The database, migrated, with the first issuing CA recorded (authorities.py)."""

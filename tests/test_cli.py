@@ -3,7 +3,11 @@
 import json
 import stat
 
+import pytest
+
 from simulators.served import BIN, enroll_server
+
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
 
 
 def test_init_creates_a_complete_instance_and_refuses_to_overwrite_it(tmp_path):

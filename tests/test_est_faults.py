@@ -37,6 +37,8 @@ from tests.support.est_helpers import (
 )
 from tests.support.fixtures import db_count
 
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
 
 @pytest.fixture
 def own_instance() -> Iterator[Callable[..., ServedInstance]]:

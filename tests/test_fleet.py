@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from simulators.fleet import FleetOptions, render, run_fleet
+
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
 
 
 def _processes_under(directory: str) -> list[str]:

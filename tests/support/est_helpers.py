@@ -23,6 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from simulators.served import ServedInstance
 from tests.support.fixtures import db_count
+from tests.support.inprocess import InProcessInstance
 
 PKCS10 = "application/pkcs10"
 
@@ -129,6 +130,9 @@ class FactoryCA:
 # -- HTTP -------------------------------------------------------------------------------
 def http_client(instance: ServedInstance, client_cert: Path | None = None,
                 client_key: Path | None = None) -> httpx.Client:
+    if isinstance(instance, InProcessInstance):  # Flask's test client, cert via the proxy
+        return instance.http_client(x509.load_pem_x509_certificate(client_cert.read_bytes())
+                                    if client_cert is not None else None)
     context = ssl.create_default_context(cafile=str(instance.trust_anchor))
     if client_cert is not None:
         context.load_cert_chain(str(client_cert), str(client_key))

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from simulators.served import ServedInstance
+from tests.support.inprocess import InProcessInstance
 from tests.support.services import PrivateMosquitto, PrivatePostgres
 
 _timings: list[str] = []
@@ -69,6 +70,18 @@ def est_instance() -> Iterator[ServedInstance]:
             yield instance
     finally:
         instance.cleanup()
+
+
+@pytest.fixture
+def app(tmp_path) -> Iterator[InProcessInstance]:
+    """A fresh instance served in process (file CA key, SQLite in tmp_path), driven
+    through Flask's test client: app.http_client(), app.token(), app.services,
+    app.clock (advance it to move the services' time)."""
+    instance = InProcessInstance(tmp_path / "instance")
+    try:
+        yield instance
+    finally:
+        instance.close()
 
 
 def db_count(instance: ServedInstance, table: str, where: str = "1=1") -> int:
