@@ -44,10 +44,11 @@ class Issuer:
         on the locked device row and re-checks the token and the presented certificate
         (store/devices.py). ``tpm``: ak_name, reset_count, evidence (Issuance fields)."""
         current = identity.current_certificate
+        now = self.clock()
         issuance = Issuance(
             device_id=identity.device_id, group_id=identity.group.id, method=identity.method,
             identity_pin=identity.identity_pin, known_device=identity.known_device,
-            issuer=self.signer.name, supersede_grace=identity.group.supersede_grace,
+            issuer=self.signer.name, supersede_grace=identity.group.supersede_grace, now=now,
             token_id=identity.token.id if identity.token is not None else None,
             presented_certificate_id=current.id if current is not None else None,
             audit={"actor": f"device:{identity.device_id}", "action": action,
@@ -55,8 +56,8 @@ class Issuer:
                    "remote_addr": ctx.remote_addr}, **tpm)
         profile = self.profile_for(identity)
         issued = self.repository.issue(
-            issuance, admit, lambda: self.signer.issue(csr.csr.public_key(), profile,
-                                                       self.clock()), self.renew_at)
+            issuance, admit, lambda: self.signer.issue(csr.csr.public_key(), profile, now),
+            self.renew_at)
         if issued.revoked_now and self.crls_changed is not None:
             self.crls_changed(list(issued.revoked_now))
         return issued.certificate

@@ -17,6 +17,7 @@ from .common import (
     fail,
     json_option,
     operator,
+    parse_duration,
     pass_context,
     read_pem_bundle,
     render,
@@ -53,10 +54,13 @@ def group() -> None:
 @click.option("--ek-policy", type=click.Choice(["manufacturer", "allowlist"]),
               default="manufacturer", show_default=True,
               help="Any genuine TPM of those manufacturers, or only allowlisted EKs.")
+@click.option("--supersede-grace", default="1h", show_default=True,
+              help="How long a renewed device's previous certificate stays valid before it "
+                   "is revoked (reason superseded); 0s revokes it at once.")
 @pass_context
 def group_create(ctx: Context, name: str, auth: str, lifetime_days: int, key_types: str,
                  min_rsa_bits: int, bootstrap_ca: Path | None, approval: bool,
-                 ek_roots: Path | None, ek_policy: str) -> None:
+                 ek_roots: Path | None, ek_policy: str, supersede_grace: str) -> None:
     """Create an enrollment group (its name is the EST label)."""
     if not GROUP_NAME_PATTERN.fullmatch(name):
         raise click.BadParameter("lower-case letters, digits, '-' and '_' (max 64)",
@@ -68,6 +72,7 @@ def group_create(ctx: Context, name: str, auth: str, lifetime_days: int, key_typ
     if not types or set(types) - set(KEY_TYPES):
         raise click.BadParameter(f"choose from {', '.join(KEY_TYPES)}",
                                  param_hint="--key-types")
+    grace = _grace(supersede_grace, "--supersede-grace")
     bundle = read_pem_bundle(bootstrap_ca, "--bootstrap-ca")
     ek_bundle = read_pem_bundle(ek_roots, "--ek-roots")
     if "tpm" in methods and not ek_bundle and ek_policy == "manufacturer":
@@ -82,7 +87,7 @@ def group_create(ctx: Context, name: str, auth: str, lifetime_days: int, key_typ
                                 lifetime_days=lifetime_days, key_types=",".join(types),
                                 min_rsa_bits=min_rsa_bits, requires_approval=approval,
                                 bootstrap_ca_pem=bundle, ek_roots_pem=ek_bundle,
-                                ek_policy=ek_policy)
+                                ek_policy=ek_policy, supersede_grace_seconds=grace)
     except EnrollError as error:
         fail(error)
     repository.audit(actor=operator(), action="group.create", outcome="success", group=name,
@@ -99,7 +104,38 @@ def group_list(ctx: Context, as_json: bool) -> None:
     """List enrollment groups."""
     rows = [{"name": g.name, "auth": g.auth_methods, "lifetime_days": g.lifetime_days,
              "key_types": g.key_types, "approval": g.requires_approval,
+             "supersede_grace_seconds": g.supersede_grace_seconds,
              "bootstrap_cas": len(x509.load_pem_x509_certificates(
                  g.bootstrap_ca_pem.encode())) if g.bootstrap_ca_pem.strip() else 0}
             for g in ctx.repository().groups()]
     render(rows, as_json)
+
+
+@group.command("set-grace", epilog="""\b
+Examples:
+  enroll-server group set-grace fleet 15m
+  enroll-server group set-grace lab 0s      # renewals revoke the old certificate at once
+""")
+@click.argument("name")
+@click.argument("grace")
+@pass_context
+def group_set_grace(ctx: Context, name: str, grace: str) -> None:
+    """How long a renewed device's previous certificate stays valid (reason superseded
+    after that; OCSP and the CRL show it). Applies to renewals from now on."""
+    seconds = _grace(grace, "GRACE")
+    repository = ctx.repository()
+    try:
+        repository.change_group(name, supersede_grace_seconds=seconds)
+    except EnrollError as error:
+        fail(error)
+    repository.audit(actor=operator(), action="group.set_grace", outcome="success",
+                     group=name, detail={"supersede_grace_seconds": seconds})
+    click.echo(f"Group {name!r}: a renewed certificate is revoked {seconds} s after its "
+               "renewal.")
+
+
+def _grace(text: str, hint: str) -> int:
+    seconds = int(parse_duration(text).total_seconds())
+    if seconds > 30 * 86400:
+        raise click.BadParameter("at most 30d", param_hint=hint)
+    return seconds

@@ -33,7 +33,6 @@ from .models import (
     IssuingCa,
     PendingRequest,
     naive_utc,
-    utcnow,
 )
 from .records import CertificateRecord, DeviceRecord
 
@@ -51,6 +50,7 @@ class Issuance:
     known_device: bool  # the caller saw the device enrolled already
     issuer: str  # the CA generation that signs (must still be the active one)
     supersede_grace: dt.timedelta  # the group's: how long the replaced certificate lives
+    now: dt.datetime  # the service's clock
     token_id: int | None = None  # consumed here, exactly once
     presented_certificate_id: int | None = None  # re-enrollment: must still be active
     ak_name: str | None = None  # TPM: pinned on first enrollment
@@ -180,7 +180,7 @@ class Devices(Groups, Audit):
             self._require_still_active(issuance.presented_certificate_id)
         self._require_active_ca(issuance.issuer)
         certificate = sign()
-        now = utcnow()
+        now = naive_utc(issuance.now)
         if device is None:
             device = Device.create(device_id=issuance.device_id, group=issuance.group_id,
                                    enrolled_by=issuance.method, status="active",

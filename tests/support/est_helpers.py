@@ -254,3 +254,17 @@ def assert_refused(instance: ServedInstance, before: StoreSnapshot,
         before.certificates, before.devices, before.pending, before.used_tokens)
     assert before.audit_since(instance) == [(action, outcome, code)]
     assert_serves_cacerts(instance)
+
+
+def ocsp_request_der(issuer: x509.Certificate, serial: int) -> bytes:
+    """An RFC 6960 request for one serial (CertID by SHA-1 of the issuer's name and key)."""
+    from cryptography.x509 import ocsp
+
+    name_hash = hashes.Hash(hashes.SHA1())
+    name_hash.update(issuer.subject.public_bytes())
+    key_hash = hashes.Hash(hashes.SHA1())  # of the subjectPublicKey BIT STRING (EC point)
+    key_hash.update(issuer.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint))
+    return ocsp.OCSPRequestBuilder().add_certificate_by_hash(
+        name_hash.finalize(), key_hash.finalize(), serial, hashes.SHA1()).build().public_bytes(
+        serialization.Encoding.DER)

@@ -60,6 +60,10 @@ class Clock:
     def advance(self, **delta: float) -> None:
         self.offset += dt.timedelta(**delta)
 
+    def set(self, moment: dt.datetime) -> None:
+        """From now on the clock reads ``moment`` (and runs on from there)."""
+        self.offset = moment - dt.datetime.now(dt.UTC)
+
 
 class Answer:
     """A test-client response with the attributes the helpers read (as httpx names them)."""
