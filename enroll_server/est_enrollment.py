@@ -46,7 +46,7 @@ class EstEnrollment:
         action = "est.simplereenroll" if renewal else "est.simpleenroll"
         request = read_csr(decode_est_base64(body))
         authenticate = authenticate_reenroll if renewal else authenticate_enroll
-        with self.repository.transaction(readonly=True):  # checks only; issuing re-checks
+        with self.repository.snapshot():  # checks only; issuing re-checks
             identity = authenticate(self.repository, ctx, request, self.clock())
         csr = vet_csr(request, identity.group.key_policy,
                       device_id=None if renewal else identity.device_id)

@@ -88,7 +88,7 @@ class TpmEnrollment:
     # -- step 1 ------------------------------------------------------------------------
     def challenge(self, ctx: RequestContext, request: ChallengeRequest) -> Challenge:
         now = self.clock()
-        with self.repository.transaction(readonly=True):
+        with self.repository.snapshot():
             group = group_for_label(self.repository, ctx.group_label)
             group.require_method("tpm")
             device_id = self._check_endorsement(group, request, now)
@@ -173,8 +173,7 @@ class TpmEnrollment:
         att.verify_certify(request.certify_info, request.certify_signature,
                            challenge.ak_public, challenge.nonce, request.device_key_public)
         att.check_csr_key(request.device_key_public, csr.csr.public_key())
-        with self.repository.transaction(readonly=True):
-            device = self.repository.device(challenge.device_id)
+        device = self.repository.read(lambda: self.repository.device(challenge.device_id))
         reset_count = self._check_quote(group, request, challenge, device)
         identity = Identity(device_id=challenge.device_id, group=group, method="tpm",
                             identity_pin="ek:" + challenge.device_id,

@@ -93,9 +93,6 @@ class Devices(Groups, Audit):
         row = self._first(IssuingCa.status, "active")
         return row.name if row is not None else None
 
-    def serial_exists(self, serial: int) -> bool:
-        return Certificate.select().where(Certificate.serial == str(serial)).exists()
-
     def devices(self, group: str | None = None) -> list[Device]:
         with self.transaction(readonly=True):
             query = Device.select(Device, EnrollmentGroup).join(EnrollmentGroup)

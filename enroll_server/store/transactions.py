@@ -10,6 +10,7 @@ behind both, and behind the compiled lookups, are in docs/performance.md.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import threading
@@ -126,9 +127,10 @@ class Transactions:
                 self.database.close()  # a dropped connection is reopened next time
             raise StoreUnavailable(detail=f"database error: {exc}") from None
 
-    def run(self, work: Callable[[], T]) -> T:
-        with self.transaction():
-            return work()
+    def snapshot(self) -> contextlib.AbstractContextManager[None]:
+        """One read-only snapshot for several reads (credential checks): consistent, and
+        on SQLite beside the writers. Nothing inside it may write."""
+        return self.transaction(readonly=True)
 
     def read(self, work: Callable[[], T]) -> T:
         """``work`` in a read-only transaction: on SQLite beside the writers, not queued."""
