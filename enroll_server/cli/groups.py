@@ -31,6 +31,7 @@ Examples:
   enroll-server group create fleet --auth tpm --ek-roots tpm-vendor-roots.pem
   enroll-server group allow-ek fleet --ek-cert ek.der
   enroll-server group set-pcrs fleet --pcrread reference-pcrs.yaml
+  enroll-server group set-grace fleet 15m
   enroll-server group list --json
 """)
 def group() -> None:
@@ -130,8 +131,8 @@ def group_set_grace(ctx: Context, name: str, grace: str) -> None:
         fail(error)
     repository.audit(actor=operator(), action="group.set_grace", outcome="success",
                      group=name, detail={"supersede_grace_seconds": seconds})
-    click.echo(f"Group {name!r}: a renewed certificate is revoked {seconds} s after its "
-               "renewal.")
+    when = f"{seconds} s after its renewal" if seconds else "by its renewal, at once"
+    click.echo(f"Group {name!r}: a renewed certificate is revoked (superseded) {when}.")
 
 
 def _grace(text: str, hint: str) -> int:
