@@ -92,17 +92,22 @@ class Served:
         return {entry.serial_number for entry in x509.load_der_x509_crl(der)}
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def served(request) -> Iterator[Served]:
+    """One served instance per backend for the module (the tests use their own devices)."""
     env = unthrottled()
+    database_url = None
     if request.param == "postgres":
-        env["ENROLL_DATABASE__URL"] = request.getfixturevalue("pg_url")
+        postgres = request.getfixturevalue("postgres")
+        database_url = env["ENROLL_DATABASE__URL"] = postgres.create_database()
     instance = ServedInstance(env=env)
     try:
         with instance:
             yield Served(instance)
     finally:
         instance.cleanup()
+        if database_url is not None:
+            postgres.drop_database(database_url)
 
 
 def test_renewals_racing_a_revocation_never_leave_a_certificate_unrevoked(served,
