@@ -14,6 +14,7 @@ the instance's one trusted proxy.
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import shutil
 import tempfile
@@ -42,9 +43,10 @@ def _template_instance() -> Path:
     global _template
     with _template_lock:
         if _template is None:
-            directory = Path(tempfile.mkdtemp(prefix="enroll-inproc-")) / "instance"
-            init_instance(InitOptions(directory=directory, ca_key="file"))
-            _template = directory
+            base = Path(tempfile.mkdtemp(prefix="enroll-inproc-"))
+            atexit.register(shutil.rmtree, base, ignore_errors=True)
+            init_instance(InitOptions(directory=base / "instance", ca_key="file"))
+            _template = base / "instance"
         return _template
 
 
