@@ -10,7 +10,7 @@ APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config tpm2-openssl
 	postgresql openssl curl gcc python3-dev python3-venv systemd shellcheck
 PYTEST_ARGS ?=
 
-.PHONY: all install system-deps venv test test-example fleet-ci demo bench lint clean
+.PHONY: all install system-deps venv test test-fast test-example fleet-ci demo bench lint clean
 
 all: test
 
@@ -47,6 +47,11 @@ test-example: install
 FLEET_ARGS ?= --devices 10 --rogue 1 --flaky 1 --seed 1
 fleet-ci: install
 	$(BIN)/enroll-sim fleet $(FLEET_ARGS) --junit fleet-junit.xml
+
+# Everything but the integration tests (served instances, swtpm, SoftHSM, Mosquitto,
+# PostgreSQL): the in-process and pure tests, in seconds.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not integration" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,21 +1,29 @@
-"""The Flask application factory, and the one place that maps errors to HTTP responses.
+"""The Flask application factory.
 
-EST routes answer errors as text/plain (RFC 7030 4.2.3: a human-readable message), with
-the stable error code on the first line; every other route answers
-application/problem+json (RFC 9457) carrying the same code. No traceback ever reaches a
-client: unexpected exceptions are logged and answered with a generic 500.
+Each blueprint declares how its routes answer errors (http/common.make_blueprint): EST
+routes a text body (RFC 7030 4.2.3), every other route application/problem+json
+(RFC 9457). errors.render maps the error to status, headers and body; this module only
+wraps that in a response. A request that matches no route answers problem+json. No
+traceback ever reaches a client: unexpected exceptions are logged and answered with a
+generic 500.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from .config import Settings
-from .errors import EnrollError, http_headers
+from .errors import (
+    EnrollError,
+    ErrorFormat,
+    Rendered,
+    render,
+    render_http,
+    render_unexpected,
+)
 from .services import Services, build_services
 
 log = logging.getLogger("enroll_server")
@@ -26,14 +34,10 @@ def create_app(settings: Settings, services: Services | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
     app.extensions["enroll"] = services or build_services(settings)
 
-    from .http import admin, attest, est, health, metrics, revocation
+    from .http import admin, est, est_attest, health, metrics, revocation
 
-    app.register_blueprint(est.blueprint)
-    app.register_blueprint(attest.blueprint)
-    app.register_blueprint(revocation.blueprint)
-    app.register_blueprint(admin.blueprint)
-    app.register_blueprint(metrics.blueprint)
-    app.register_blueprint(health.blueprint)
+    for module in (est, est_attest, revocation, admin, metrics, health):
+        app.register_blueprint(module.blueprint)
 
     app.register_error_handler(EnrollError, _enroll_error)
     app.register_error_handler(HTTPException, _http_exception)
@@ -41,36 +45,30 @@ def create_app(settings: Settings, services: Services | None = None) -> Flask:
     return app
 
 
-def error_response(status: int, code: str, message: str,
-                   headers: dict[str, str] | None = None) -> Response:
-    if request.path.startswith("/.well-known/est/") and "/attest/" not in request.path:
-        body = f"error: {code}\n{message}\n"
-        response = Response(body, status=status, content_type="text/plain; charset=utf-8")
-    else:
-        problem = {"type": "about:blank", "title": message, "status": status, "code": code}
-        response = Response(json.dumps(problem), status=status,
-                            content_type="application/problem+json")
-    response.headers["X-Error-Code"] = code
-    for name, value in (headers or {}).items():
+def _error_format() -> ErrorFormat:
+    """The format the matched route's blueprint declared (problem+json without one)."""
+    from flask import current_app
+
+    blueprint = current_app.blueprints.get(request.blueprint or "")
+    return getattr(blueprint, "error_format", ErrorFormat.PROBLEM_JSON)
+
+
+def _response(rendered: Rendered) -> Response:
+    response = Response(rendered.body, status=rendered.status,
+                        content_type=rendered.content_type)
+    for name, value in rendered.headers.items():
         response.headers[name] = value
     return response
 
 
 def _enroll_error(error: EnrollError) -> Response:
-    return error_response(error.status, error.code, error.public, http_headers(error))
+    return _response(render(error, _error_format()))
 
 
 def _http_exception(error: HTTPException) -> Response:
-    status = error.code or 500
-    if status == 413:
-        return error_response(413, "request.too_large",
-                              "The request body is larger than the server accepts.")
-    code = {404: "http.not_found", 405: "http.method_not_allowed"}.get(
-        status, f"http.{status}")
-    return error_response(status, code, error.name)
+    return _response(render_http(error.code or 500, error.name, _error_format()))
 
 
 def _unexpected(error: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.path)
-    return error_response(500, "internal_error",
-                          "Internal error; the operator can find details in the server log.")
+    return _response(render_unexpected(_error_format()))

@@ -26,14 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import peewee as pw
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from .ca.profiles import FIRST_CA_NAME
 from .ca.signer import Signer
 from .config import ConfigError, Settings
-from .store.models import Certificate, IssuingCa
 from .store.repository import Repository, naive_utc
 
 
@@ -60,7 +58,7 @@ class CaRecord:
         return self.active or self.certificate.not_valid_after_utc > now
 
     @classmethod
-    def of(cls, row: IssuingCa) -> CaRecord:
+    def of(cls, row) -> CaRecord:  # noqa: ANN001 - an issuing_ca row
         return cls(row.id, row.name, x509.load_pem_x509_certificate(
             row.certificate_pem.encode()), row.key_backend, row.key_label,
             row.key_passphrase_file, row.status, row.created_at, row.retired_at)
@@ -81,8 +79,6 @@ def pem(certificate: x509.Certificate) -> str:
 def seed_first_ca(settings: Settings, repository: Repository) -> bool:
     """Record the configured issuing CA as "issuing-ca" if no CA is recorded yet; True
     if it did. Idempotent and safe when several processes start at once."""
-    if repository.read(lambda: IssuingCa.select().exists()):
-        return False
     certificate_path = settings.ca.certificate
     if not certificate_path.exists():
         return False  # nothing to record (yet): loading a signer says so
@@ -93,23 +89,16 @@ def seed_first_ca(settings: Settings, repository: Repository) -> bool:
         label = instance_relative(settings, settings.ca.key_file)
         passphrase_file = (instance_relative(settings, settings.ca.key_passphrase_file)
                            if settings.ca.key_passphrase_file else None)
-    try:
-        with repository.transaction():
-            if IssuingCa.select().exists():
-                return False
-            IssuingCa.create(name=FIRST_CA_NAME, certificate_pem=pem(certificate),
-                             key_backend=settings.ca.backend, key_label=label,
-                             key_passphrase_file=passphrase_file, status="active",
-                             not_after=naive_utc(certificate.not_valid_after_utc))
-    except pw.IntegrityError:
-        return False  # another process recorded it meanwhile
-    return True
+    return repository.record_first_ca({
+        "name": FIRST_CA_NAME, "certificate_pem": pem(certificate),
+        "key_backend": settings.ca.backend, "key_label": label,
+        "key_passphrase_file": passphrase_file,
+        "not_after": naive_utc(certificate.not_valid_after_utc)})
 
 
 def records(repository: Repository) -> list[CaRecord]:
     """Every recorded CA generation, oldest first."""
-    return repository.read(lambda: [CaRecord.of(row) for row in
-                                    IssuingCa.select().order_by(IssuingCa.id)])
+    return [CaRecord.of(row) for row in repository.ca_rows()]
 
 
 def read_secret(path: os.PathLike[str]) -> str:
@@ -223,15 +212,5 @@ def client_trust_certificates(settings: Settings, repository: Repository,
     the active one, and each retired one while a certificate it issued is unexpired and
     not revoked, so a device can still `simplereenroll` with an old-CA certificate."""
     seed_first_ca(settings, repository)
-
-    def trusted() -> list[x509.Certificate]:
-        result = []
-        for row in IssuingCa.select().order_by(IssuingCa.id.desc()):
-            if row.status != "active" and not Certificate.select().where(
-                    (Certificate.issuer == row.name) & (Certificate.status != "revoked")
-                    & (Certificate.not_after > naive_utc(now))).exists():
-                continue
-            result.append(x509.load_pem_x509_certificate(row.certificate_pem.encode()))
-        return result
-
-    return repository.read(trusted)
+    return [x509.load_pem_x509_certificate(text.encode())
+            for text in repository.client_trusted_cas(now)]

@@ -23,8 +23,8 @@ running the command again takes the next free name (issuing-ca-<n+1>). A crash a
 leaves the TLS certificates on the old CA: `enroll-server ca reissue-tls` does step 6.
 
 Servers pick the new CA and their new TLS certificate up when they reload (SIGHUP) or
-restart; until then they refuse to issue (503 ca.rotated,
-EnrollmentService._require_active_ca). The relay picks it up by
+restart; until then they refuse to issue (503 ca.rotated, store/devices.py
+_require_active_ca). The relay picks it up by
 itself (notify/duties.py).
 """
 
@@ -58,7 +58,7 @@ from .config import Settings
 from .errors import EnrollError
 from .notify.issuer import NoticeIssuer
 from .revocation import CrlPublisher
-from .store.models import Certificate, Device, IssuingCa
+from .store.records import CrlRecord
 from .store.repository import Repository, naive_utc
 from .tls_certificates import Reissued, reissue_tls_certificates
 
@@ -227,23 +227,12 @@ def rotate(settings: Settings, repository: Repository, spread: dt.timedelta, *, 
                            settings.mqtt.topic_prefix)
 
     now = clock()
-    with repository.transaction():
-        retired = [row.name for row in IssuingCa.select().where(IssuingCa.status == "active")]
-        if retired != [previous.name] or IssuingCa.select().where(
-                IssuingCa.name == name).exists():
-            raise RotationError("Another rotation finished meanwhile; see `enroll-server "
-                                "ca list` before rotating again.", code="ca.rotation_conflict")
-        IssuingCa.update(status="retired", retired_at=naive_utc(now)).where(
-            IssuingCa.status == "active").execute()
-        IssuingCa.create(name=name, certificate_pem=pem(certificate),
-                         key_backend=settings.ca.backend, key_label=key_label,
-                         key_passphrase_file=passphrase_file, status="active",
-                         not_after=naive_utc(certificate.not_valid_after_utc),
-                         created_at=naive_utc(now))
+
+    def commit(retired: list[str], current: list
+               ) -> tuple[list[str], CrlRecord, list[dt.datetime]]:  # fmt: skip
+        """In the rotation's transaction: the new CA's first CRL, a ca_rotation notice
+        per current certificate (renew_after spread over the window), the audit."""
         crl = CrlPublisher(settings.revocation, signer, clock).publish()
-        current = list(Certificate.select(Certificate, Device).join(Device).where(
-            (Certificate.status == "active") & (Device.status == "active")
-            & (Certificate.not_after > naive_utc(now))).order_by(Certificate.id))
         times = spread_times(len(current), now, spread, rng)
         for certificate_row, renew_after in zip(current, times, strict=True):
             notices.enqueue(certificate_row.device, "ca_rotation", certificate_row.serial,
@@ -252,6 +241,14 @@ def rotate(settings: Settings, repository: Repository, spread: dt.timedelta, *, 
             "active": name, "retired": retired, "notices": len(current),
             "spread_seconds": spread.total_seconds(),
             "subject": certificate.subject.rfc4514_string()})
+        return retired, crl, times
+
+    retired, crl, times = repository.rotate_ca(
+        {"name": name, "certificate_pem": pem(certificate),
+         "key_backend": settings.ca.backend, "key_label": key_label,
+         "key_passphrase_file": passphrase_file,
+         "not_after": naive_utc(certificate.not_valid_after_utc)},
+        previous.name, now, commit)
     trust_anchor = settings.instance_dir / "ca" / "ca-chain.pem"
     _write_atomic(trust_anchor, (pem(certificate) + "".join(
         pem(c) for c in authorities.chain)).encode())
@@ -263,7 +260,7 @@ def rotate(settings: Settings, repository: Repository, spread: dt.timedelta, *, 
                         f"could not re-issue the TLS certificates ({error}): fix it, then run "
                         "`enroll-server ca reissue-tls`")]
     return RotationResult(name, retired, certificate, certificate_path, trust_anchor,
-                          crl.crl_number, len(current), times, tls)
+                          crl.crl_number, len(times), times, tls)
 
 
 def describe(settings: Settings, repository: Repository,
@@ -272,9 +269,7 @@ def describe(settings: Settings, repository: Repository,
     now = now or dt.datetime.now(dt.UTC)
     rows = []
     for record in records(repository):
-        unexpired = repository.read(lambda name=record.name: Certificate.select().where(
-            (Certificate.issuer == name) & (Certificate.status != "revoked")
-            & (Certificate.not_after > naive_utc(now))).count())
+        unexpired = repository.unexpired_certificates(record.name, now)
         rows.append({"name": record.name, "status": record.status,
                      "live": record.live(now),
                      "subject": record.certificate.subject.rfc4514_string(),

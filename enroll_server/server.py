@@ -35,7 +35,6 @@ def client_trust_bundle(settings: Settings) -> str:
 
     from .authorities import client_trust_certificates, pem
     from .store.db import migrate, open_database
-    from .store.models import EnrollmentGroup
     from .store.repository import Repository
 
     database = open_database(settings.database.url, settings.instance_dir)
@@ -48,8 +47,7 @@ def client_trust_bundle(settings: Settings) -> str:
             parts.append(settings.ca.certificate.read_text())
         if settings.ca.root_certificate.exists():
             parts.append(settings.ca.root_certificate.read_text())
-        parts.extend(g.bootstrap_ca_pem for g in EnrollmentGroup.select()
-                     if g.bootstrap_ca_pem.strip())
+        parts.extend(repository.bootstrap_ca_bundles())
     database.close()
     return "\n".join(parts)
 

@@ -6,6 +6,7 @@ Nothing below this module reads the environment or configuration files.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,19 +14,19 @@ import peewee as pw
 from cryptography import x509
 from cryptography.x509 import ocsp
 
-from .attested import AttestationService
 from .authorities import Authorities, seed_first_ca
 from .ca import delegated
 from .ca.ocsp import OcspDispatcher, OcspResponder
 from .ca.signer import Signer
 from .config import Settings
-from .enrollment import EnrollmentService
+from .est_enrollment import EstEnrollment
+from .http.ratelimit import RateLimiter
+from .issuance import Issuer
 from .notify.issuer import NoticeIssuer
-from .ratelimit import RateLimiter
 from .revocation import REASONS, CrlPublisher, RevocationService
 from .store.db import migrate, open_database
-from .store.models import Certificate
 from .store.repository import Repository
+from .tpm_enrollment import TpmEnrollment
 
 
 @dataclass
@@ -35,8 +36,8 @@ class Services:
     repository: Repository
     signer: Signer  # the active issuing CA: it signs device certificates
     authorities: Authorities  # every live CA generation (the active one and retired ones)
-    enrollment: EnrollmentService
-    attestation: AttestationService
+    enrollment: EstEnrollment
+    attestation: TpmEnrollment
     rate_limiter: RateLimiter
     crls: dict[str, CrlPublisher]  # per CA generation name
     revocation: RevocationService
@@ -46,6 +47,12 @@ class Services:
     def crl(self) -> CrlPublisher:
         """The active CA's CRL publisher."""
         return self.crls[self.signer.name]
+
+    def close(self) -> None:
+        """Stop the background CRL rebuilder and close the database (tests, reloads)."""
+        if self.revocation.rebuilder is not None:
+            self.revocation.rebuilder.stop()
+        self.database.close()
 
 
 def open_store(settings: Settings) -> tuple[pw.Database, Repository]:
@@ -82,20 +89,18 @@ def notice_issuer(settings: Settings, signer: Signer) -> NoticeIssuer:
                         settings.mqtt.topic_prefix)
 
 
-def certificate_status(serial: int, issuer: str | None = None
-                       ) -> tuple[ocsp.OCSPCertStatus, dt.datetime | None,
-                                  x509.ReasonFlags | None]:  # fmt: skip
+def certificate_status(repository: Repository, serial: int, issuer: str | None,
+                       now: dt.datetime) -> tuple[ocsp.OCSPCertStatus, dt.datetime | None,
+                                                  x509.ReasonFlags | None]:  # fmt: skip
     """RFC 6960 2.2 status of one of our serials, straight from the database. With
     issuer, a serial another CA generation issued is "unknown" to this one."""
-    row = (Certificate.select(Certificate.status, Certificate.revoked_at,
-                              Certificate.revocation_reason, Certificate.issuer)
-           .where(Certificate.serial == str(serial)).first())
-    if row is None or (issuer is not None and row.issuer != issuer):
+    status = repository.certificate_status(serial, issuer, now)
+    if status == "unknown":
         return ocsp.OCSPCertStatus.UNKNOWN, None, None
-    if row.status == "revoked":
-        return (ocsp.OCSPCertStatus.REVOKED, row.revoked_at.replace(tzinfo=dt.UTC),
-                REASONS.get(row.revocation_reason or "unspecified"))
-    return ocsp.OCSPCertStatus.GOOD, None, None
+    if status == "good":
+        return ocsp.OCSPCertStatus.GOOD, None, None
+    return (ocsp.OCSPCertStatus.REVOKED, status.revoked_at.replace(tzinfo=dt.UTC),
+            REASONS.get(status.reason))
 
 
 def crl_publishers(settings: Settings, authorities: Authorities,
@@ -123,27 +128,29 @@ def ocsp_dispatcher(settings: Settings, repository: Repository, authorities: Aut
                                             settings.revocation.responder_lifetime_days)
         responders[signer.name] = OcspResponder(
             signer.ca_certificate, delegate.certificate, delegate.key,
-            lambda serial, name=signer.name: repository.read(
-                lambda: certificate_status(serial, name)),
+            lambda serial, name=signer.name: certificate_status(repository, serial, name,
+                                                                clock()),
             validity=dt.timedelta(minutes=settings.revocation.ocsp_validity_minutes),
             clock=clock)
     return OcspDispatcher(responders, fallback=authorities.active.name)
 
 
-def build_services(settings: Settings) -> Services:
+def build_services(settings: Settings,
+                   clock: Callable[[], dt.datetime] | None = None) -> Services:
+    """Every service of a server process. ``clock``: tests move time with it."""
     database, repository = open_store(settings)
     authorities = load_authorities(settings, repository)
     signer = authorities.active
-    clock = lambda: dt.datetime.now(dt.UTC)  # noqa: E731
-    enrollment = EnrollmentService(settings, repository, signer, clock)
+    clock = clock or (lambda: dt.datetime.now(dt.UTC))
     crls = crl_publishers(settings, authorities, clock)
+    revocation = RevocationService(repository, notice_issuer(settings, signer), crls,
+                                   clock).rebuild_in_background()
+    issuer = Issuer(settings, repository, signer, clock, revocation.crls_changed)
     return Services(
         settings=settings, database=database, repository=repository, signer=signer,
-        authorities=authorities, enrollment=enrollment,
-        attestation=AttestationService(settings, repository, enrollment),
+        authorities=authorities, enrollment=EstEnrollment(repository, issuer, clock),
+        attestation=TpmEnrollment(settings, repository, issuer, clock),
         rate_limiter=RateLimiter(settings.server.rate_limit_per_second,
                                  settings.server.rate_limit_burst),
-        crls=crls,
-        revocation=RevocationService(repository, notice_issuer(settings, signer), crls,
-                                     clock).rebuild_in_background(),
+        crls=crls, revocation=revocation,
         ocsp=ocsp_dispatcher(settings, repository, authorities, clock))

@@ -91,21 +91,14 @@ def create_tokens(settings: Any, count: int, group_name: str = "default") -> lis
     """count one-time token secrets for group_name, inserted in one transaction (the
     bulk equivalent of Repository.create_token: only SHA-256 of each secret is stored)."""
     from enroll_server.store.db import open_database
-    from enroll_server.store.models import EnrollmentGroup, EnrollmentToken, utcnow
-    from enroll_server.store.repository import token_sha256
+    from enroll_server.store.repository import Repository
 
     tokens = ["et_" + secrets.token_urlsafe(32) for _ in range(count)]
-    now = utcnow()
-    expires_at = now + dt.timedelta(seconds=settings.issuance.token_ttl_seconds)
     database = open_database(settings.database.url, settings.instance_dir)
     try:
-        with database.connection_context(), database.atomic():
-            group = EnrollmentGroup.get(EnrollmentGroup.name == group_name)
-            rows = [{"token_sha256": token_sha256(secret), "group": group.id,
-                     "created_by": "operator:bench", "created_at": now,
-                     "expires_at": expires_at} for secret in tokens]
-            for start in range(0, len(rows), 500):
-                EnrollmentToken.insert_many(rows[start:start + 500]).execute()
+        Repository(database).create_tokens(
+            group_name, tokens, dt.timedelta(seconds=settings.issuance.token_ttl_seconds),
+            "operator:bench")
     finally:
         database.close()
     return tokens
@@ -117,14 +110,7 @@ def bare_issuance_rate(settings: Any, bodies: list[bytes], seconds: float) -> di
     """Issuances per second of the signing path alone, single-threaded, with a signer
     built exactly as the server builds its own (services.load_signer: PKCS#11 here)."""
     from enroll_server.ca.profiles import KEY_TYPES, CertProfile, revocation_urls
-    from enroll_server.policy.csr import (
-        KeyPolicy,
-        check_key,
-        check_signature,
-        decode_est_base64,
-        parse_csr,
-        requested_common_name,
-    )
+    from enroll_server.policy.csr import KeyPolicy, decode_est_base64, vet_csr
     from enroll_server.services import load_signer
 
     signer = load_signer(settings)  # exports SOFTHSM2_CONF before the module loads
@@ -134,12 +120,10 @@ def bare_issuance_rate(settings: Any, bodies: list[bytes], seconds: float) -> di
     backdate = dt.timedelta(seconds=settings.issuance.backdate_seconds)
 
     def issue_one(body: bytes) -> bytes:
-        csr = parse_csr(decode_est_base64(body))
-        check_signature(csr)
-        check_key(csr, policy)
-        profile = CertProfile(device_id=requested_common_name(csr) or "bench",
+        csr = vet_csr(decode_est_base64(body), policy)  # what every issuing path runs
+        profile = CertProfile(device_id=csr.common_name or "bench",
                               group="default", lifetime=lifetime, backdate=backdate, **urls)
-        certificate = signer.issue(csr.public_key(), profile)
+        certificate = signer.issue(csr.csr.public_key(), profile)
         return certificate.public_bytes(serialization.Encoding.DER)
 
     for body in bodies[:50]:  # warm-up: C_Login + self-test, caches

@@ -46,6 +46,8 @@ from tests.support.attest_helpers import roots_file
 from tests.support.fleet import RevocationRig, wait_for
 from tests.support.forged_notices import genuine_signer, jws_signed_by, rogue_chain
 
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
 GROUP = "tpm-agent"
 BIN = Path(sys.executable).parent
 

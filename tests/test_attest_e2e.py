@@ -32,6 +32,8 @@ from tests.support.attest_helpers import (
     unb64,
 )
 
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
 BIN = Path(sys.executable).parent
 
 

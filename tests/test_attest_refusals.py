@@ -32,6 +32,8 @@ from tests.support.attest_helpers import (
 )
 from tests.support.est_helpers import csr_der, ec_key, make_csr
 
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
 GROUP = "tpm-refusals"
 
 

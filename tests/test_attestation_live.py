@@ -60,6 +60,8 @@ from tests.support.tpm_evidence import (
 )
 from tests.test_attestation_ek import EkPki
 
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
 
 @pytest.fixture(scope="module")
 def pki() -> EkPki:

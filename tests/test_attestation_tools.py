@@ -26,6 +26,8 @@ import pytest
 from enroll_server.attestation import credential, quote, tpm_structs, verify
 from tests.support.tpm_evidence import swtpm
 
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
 TOOLS_CERTIFY_EXTRA_DATA = bytes.fromhex("00ff55aa")  # hard-coded in tpm2_certify 5.4
 NONCE = bytes.fromhex("5e7e4a1d" * 8)
 DEVICE_KEY_ATTRIBUTES = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign"

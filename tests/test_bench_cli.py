@@ -11,6 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
 BIN = Path(sys.executable).parent / "enroll-sim"
 
 

@@ -28,6 +28,9 @@ from simulators.served import BIN, ServedInstance, free_port
 from tests.support.fleet import SoftDevice, enroll_soft_device, wait_for
 from tests.support.services import port_open
 
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
+
 
 def proc_uid(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -26,6 +26,9 @@ from simulators.served import ServedInstance
 from tests.support.fixtures import db_count
 from tests.support.fleet import RevocationRig, SoftDevice, wait_for
 
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
+
 
 class Session:
     """A paho MQTT 3.1.1 client that records what happens to it."""

@@ -40,6 +40,8 @@ from enroll_server.ca.keys import (
 )
 from enroll_server.errors import SignerUnavailable
 
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
 MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
 PIN = "user-pin-4711"
 SO_PIN = "so-pin-0815"

@@ -37,6 +37,8 @@ from simulators.served import ServedInstance
 from tests.support.est_helpers import csr_der, db_rows, ec_key, est_body, make_csr
 from tests.support.fleet import RevocationRig, SoftDevice, wait_for
 
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
 SPREAD = dt.timedelta(hours=1)
 
 

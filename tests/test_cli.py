@@ -3,7 +3,11 @@
 import json
 import stat
 
+import pytest
+
 from simulators.served import BIN, enroll_server
+
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
 
 
 def test_init_creates_a_complete_instance_and_refuses_to_overwrite_it(tmp_path):
@@ -36,10 +40,15 @@ def test_groups_tokens_and_tables(tmp_path):
     enroll_server("init", "--dir", str(directory), "--ca-key", "file")
     config = ["--config", str(directory / "config.toml")]
     enroll_server(*config, "group", "create", "lab", "--lifetime-days", "30",
-                  "--key-types", "ec-p256", "--approval")
+                  "--key-types", "ec-p256", "--approval", "--supersede-grace", "0s")
     groups = json.loads(enroll_server(*config, "group", "list", "--json").stdout)
     lab = next(g for g in groups if g["name"] == "lab")
     assert lab["lifetime_days"] == 30 and lab["approval"] is True
+    assert lab["supersede_grace_seconds"] == 0
+    assert next(g for g in groups if g["name"] == "default")["supersede_grace_seconds"] == 3600
+    enroll_server(*config, "group", "set-grace", "lab", "15m")
+    groups = json.loads(enroll_server(*config, "group", "list", "--json").stdout)
+    assert next(g for g in groups if g["name"] == "lab")["supersede_grace_seconds"] == 900
     table = enroll_server(*config, "group", "list").stdout
     assert table.splitlines()[0].split()[:2] == ["NAME", "AUTH"]
     duplicate = enroll_server(*config, "group", "create", "lab", check=False)

@@ -61,6 +61,7 @@ def test_invalid_toml_and_missing_file_are_reported(tmp_path):
         load_settings(tmp_path / "missing.toml", environ={})
 
 
+@pytest.mark.integration
 def test_serve_with_bad_setting_exits_with_a_message_naming_the_key(tmp_path):
     import subprocess
     import sys

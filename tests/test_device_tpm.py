@@ -48,6 +48,8 @@ from device_sdk.tpm import (
 from simulators.manufacturer import Manufacturer, ProvisionedTpm
 from simulators.swtpm import SwtpmInstance
 
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
 AK_ATTRIBUTES = (TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
                  | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
                  | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT)  # fmt: skip

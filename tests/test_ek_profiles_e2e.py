@@ -32,6 +32,9 @@ from tests.support.attest_helpers import AttestClient, roots_file
 from tests.support.fixtures import db_count
 from tests.test_ek_vendor_certificates import _flip, _real
 
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
+
 
 @pytest.fixture(scope="module")
 def manufacturer(tmp_path_factory: pytest.TempPathFactory) -> Manufacturer:

@@ -28,6 +28,8 @@ from cryptography.x509.oid import NameOID
 from simulators.served import BIN, ServedInstance
 from tests.support.fixtures import db_count
 
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
 DOC = Path(__file__).resolve().parents[1] / "docs" / "est-with-curl.md"
 FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<body>.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 SETUP_VARIABLES = {"INSTANCE", "SERVER", "TA", "DEVICE_ID", "TOKEN"}

@@ -2,7 +2,8 @@
 
 Instances whose configuration or HSM must differ are started here (ServedInstance with
 env); the rest share the session's est_instance. Refusals are checked as in
-test_est_refusals (est_helpers.assert_refused).
+test_est_refusals (est_helpers.assert_refused). Manual approval and the rate limit are
+edge cases of the application alone: tests/test_est_edge.py, in process.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from tests.support.est_helpers import (
     write_identity,
 )
 from tests.support.fixtures import db_count
+
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
 
 
 @pytest.fixture
@@ -135,51 +138,6 @@ def test_bootstrap_idevid_is_refused_by_a_group_not_trusting_it(factory, tmp_pat
         response = post_est(instance, csr_body(ec_key(), "factory-dev-4"), label=label,
                             client=client)
     assert_refused(instance, before, response, status, code)
-
-
-# -- manual approval (RFC 7030 4.2.3) ---------------------------------------------------
-def test_approval_group_answers_202_until_an_operator_approves(est_instance):
-    est_instance.cli("group", "create", "faults-held", "--approval")
-    key, token = ec_key(), est_instance.token("faults-held")
-    body = csr_body(key, "ft-held-dev")
-    before = StoreSnapshot.take(est_instance)
-    for _attempt in range(2):  # a retry before the decision changes nothing
-        response = post_est(est_instance, body, token=token, label="faults-held")
-        assert response.status_code == 202
-        assert response.headers["X-Error-Code"] == "enroll.pending_approval"
-        assert int(response.headers["Retry-After"]) >= 1
-        assert db_count(est_instance, "pending_request", "device_id = 'ft-held-dev'") == 1
-    assert (db_count(est_instance, "certificate"), db_count(est_instance, "device")) == (
-        before.certificates, before.devices)
-    assert not token_used(est_instance, token)
-    assert [o for _a, o, _c in before.audit_since(est_instance)] == ["pending"] * 2
-
-    est_instance.cli("devices", "approve", "ft-held-dev")
-    certificate = issued_certificate(post_est(est_instance, body, token=token,
-                                              label="faults-held"))
-    assert certificate.subject.rfc4514_string() == "CN=ft-held-dev"
-    assert token_used(est_instance, token)
-    assert db_count(est_instance, "pending_request", "device_id = 'ft-held-dev'") == 0
-
-
-# -- flood: 429 with Retry-After (checklist 4) ------------------------------------------
-def test_flood_from_one_address_gets_429_with_retry_after(own_instance):
-    instance = own_instance({"ENROLL_SERVER__RATE_LIMIT_PER_SECOND": "1",
-                             "ENROLL_SERVER__RATE_LIMIT_BURST": "2",
-                             "ENROLL_SERVER__WORKERS": "1"})
-    token = instance.token("default")
-    body = csr_body(ec_key(), "ft-flood-dev")
-    with http_client(instance) as client:
-        for _burst in range(2):  # the burst: anonymous, refused 401 but not limited
-            assert post_est(instance, body, client=client).status_code == 401
-        before = StoreSnapshot.take(instance)
-        response = post_est(instance, body, token=token, client=client)
-    assert_refused(instance, before, response, 429, "rate_limited")
-    retry_after = int(response.headers["Retry-After"])
-    assert 1 <= retry_after <= 2
-    time.sleep(retry_after)
-    assert enroll(instance, ec_key(), "ft-flood-dev", token).subject.rfc4514_string() == (
-        "CN=ft-flood-dev")
 
 
 # -- SQLite locked beyond the busy timeout (checklist 20) -------------------------------

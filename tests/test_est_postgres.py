@@ -10,6 +10,8 @@ from cryptography.x509.oid import NameOID
 from device_sdk.est import EstClient, EstError
 from simulators.served import ServedInstance, free_port
 
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
 
 def csr(cn):
     key = ec.generate_private_key(ec.SECP256R1())

@@ -1,4 +1,7 @@
-"""EST refusals against the real served instance (gunicorn, TLS, SoftHSM CA, SQLite).
+"""EST refusals, in process (Flask's test client over create_app, a file CA key, SQLite;
+client certificates through the trusted-proxy header). What needs the real TLS listener
+(a handshake with an untrusted client certificate, a renewal over real mTLS) runs against
+the served instance (integration).
 
 Each refusal is checked as SECURITY-CHECKLIST defines "reject" (tests/support/est_helpers
 assert_refused): status, stable code, nothing written, one audit row, still serving.
@@ -7,8 +10,8 @@ assert_refused): status, stable code, nothing written, one audit row, still serv
 from __future__ import annotations
 
 import concurrent.futures
+import datetime as dt
 import threading
-import time
 
 import httpx
 import pytest
@@ -52,70 +55,70 @@ def _good_der() -> bytes:
     pytest.param(lambda: b"", "csr.empty", id="empty"),
     pytest.param(lambda: b" \r\n", "csr.empty", id="whitespace-only"),
 ])
-def test_simpleenroll_refuses_malformed_csr_body(est_instance, body, code):
-    token = est_instance.token("default")
-    before = StoreSnapshot.take(est_instance)
-    response = post_est(est_instance, body(), token=token)
-    assert_refused(est_instance, before, response, 400, code)
-    assert not token_used(est_instance, token)
+def test_simpleenroll_refuses_malformed_csr_body(app, body, code):
+    token = app.token("default")
+    before = StoreSnapshot.take(app)
+    response = post_est(app, body(), token=token)
+    assert_refused(app, before, response, 400, code)
+    assert not token_used(app, token)
 
 
 @pytest.mark.parametrize("content_type", ["application/octet-stream", "text/plain", None])
-def test_simpleenroll_refuses_wrong_content_type(est_instance, content_type):
-    token = est_instance.token("default")
-    before = StoreSnapshot.take(est_instance)
-    response = post_est(est_instance, csr_body(ec_key(), "rf-ctype-dev"), token=token,
+def test_simpleenroll_refuses_wrong_content_type(app, content_type):
+    token = app.token("default")
+    before = StoreSnapshot.take(app)
+    response = post_est(app, csr_body(ec_key(), "rf-ctype-dev"), token=token,
                         content_type=content_type)
-    assert_refused(est_instance, before, response, 415, "request.content_type")
-    assert not token_used(est_instance, token)
+    assert_refused(app, before, response, 415, "request.content_type")
+    assert not token_used(app, token)
 
 
-def test_simpleenroll_refuses_body_over_16_kib(est_instance):
-    token = est_instance.token("default")
-    before = StoreSnapshot.take(est_instance)
+def test_simpleenroll_refuses_body_over_16_kib(app):
+    token = app.token("default")
+    before = StoreSnapshot.take(app)
     oversized = csr_body(ec_key(), "rf-big-dev") + b"A" * (16 * 1024)
-    response = post_est(est_instance, oversized, token=token)
-    assert_refused(est_instance, before, response, 413, "request.too_large")
-    assert not token_used(est_instance, token)
+    response = post_est(app, oversized, token=token)
+    assert_refused(app, before, response, 413, "request.too_large")
+    assert not token_used(app, token)
 
 
-def test_simpleenroll_refuses_chunked_body_over_16_kib(est_instance):
+def test_simpleenroll_refuses_chunked_body_over_16_kib(app):
     """No Content-Length: the limit must hold on the stream itself, not be truncated to a
     16 KiB prefix and parsed."""
-    token = est_instance.token("default")
-    before = StoreSnapshot.take(est_instance)
+    token = app.token("default")
+    before = StoreSnapshot.take(app)
     oversized = csr_body(ec_key(), "rf-chunk-dev") + b"\n" * (17 * 1024)
-    response = post_est(est_instance, iter([oversized[:8000], oversized[8000:]]), token=token)
-    assert_refused(est_instance, before, response, 413, "request.too_large")
+    response = post_est(app, iter([oversized[:8000], oversized[8000:]]), token=token)
+    assert_refused(app, before, response, 413, "request.too_large")
 
 
 # -- CSR content (checklist 5, 6, 7) ----------------------------------------------------
-def test_simpleenroll_refuses_csr_with_bad_signature(est_instance):
+def test_simpleenroll_refuses_csr_with_bad_signature(app):
     der = bytearray(_good_der())
     der[-1] ^= 0x01  # the last byte of the ECDSA signature's s
-    token = est_instance.token("default")
-    before = StoreSnapshot.take(est_instance)
-    response = post_est(est_instance, est_body(bytes(der)), token=token)
-    assert_refused(est_instance, before, response, 400, "csr.bad_signature")
-    assert not token_used(est_instance, token)
+    token = app.token("default")
+    before = StoreSnapshot.take(app)
+    response = post_est(app, est_body(bytes(der)), token=token)
+    assert_refused(app, before, response, 400, "csr.bad_signature")
+    assert not token_used(app, token)
 
 
-def test_simpleenroll_refuses_rsa_1024_key(est_instance):
+def test_simpleenroll_refuses_rsa_1024_key(app):
     weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
-    token = est_instance.token("default")
-    before = StoreSnapshot.take(est_instance)
-    response = post_est(est_instance, csr_body(weak, "rf-rsa1024-dev"), token=token)
-    assert_refused(est_instance, before, response, 403, "csr.weak_key")
-    assert not token_used(est_instance, token)
+    token = app.token("default")
+    before = StoreSnapshot.take(app)
+    response = post_est(app, csr_body(weak, "rf-rsa1024-dev"), token=token)
+    assert_refused(app, before, response, 403, "csr.weak_key")
+    assert not token_used(app, token)
 
 
 @pytest.mark.parametrize("curve", [ec.SECP256K1(), ec.SECP521R1()], ids=lambda c: c.name)
-def test_simpleenroll_refuses_curve_outside_group_policy(est_instance, curve):
-    token = est_instance.token("default")
-    before = StoreSnapshot.take(est_instance)
-    response = post_est(est_instance, csr_body(ec_key(curve), "rf-curve-dev"), token=token)
-    assert_refused(est_instance, before, response, 403, "csr.key_type_not_allowed")
-    assert not token_used(est_instance, token)
+def test_simpleenroll_refuses_curve_outside_group_policy(app, curve):
+    token = app.token("default")
+    before = StoreSnapshot.take(app)
+    response = post_est(app, csr_body(ec_key(curve), "rf-curve-dev"), token=token)
+    assert_refused(app, before, response, 403, "csr.key_type_not_allowed")
+    assert not token_used(app, token)
 
 
 CN, ORG = NameOID.COMMON_NAME, NameOID.ORGANIZATION_NAME
@@ -134,94 +137,93 @@ CN, ORG = NameOID.COMMON_NAME, NameOID.ORGANIZATION_NAME
         x509.NameAttribute(CN, "rf-dev-m"), x509.NameAttribute(ORG, "Acme")])]),
         id="multi-valued-rdn"),
 ])
-def test_simpleenroll_refuses_subject_unsafe_for_mqtt(est_instance, subject):
-    token = est_instance.token("default")
-    before = StoreSnapshot.take(est_instance)
-    response = post_est(est_instance, csr_body(ec_key(), subject), token=token)
-    assert_refused(est_instance, before, response, 400, "csr.bad_subject")
-    assert not token_used(est_instance, token)
+def test_simpleenroll_refuses_subject_unsafe_for_mqtt(app, subject):
+    token = app.token("default")
+    before = StoreSnapshot.take(app)
+    response = post_est(app, csr_body(ec_key(), subject), token=token)
+    assert_refused(app, before, response, 400, "csr.bad_subject")
+    assert not token_used(app, token)
 
 
 # -- credentials ------------------------------------------------------------------------
-def test_simpleenroll_without_credentials_is_401_with_www_authenticate(est_instance):
-    before = StoreSnapshot.take(est_instance)
-    response = post_est(est_instance, csr_body(ec_key(), "rf-anon-dev"))
-    assert_refused(est_instance, before, response, 401, "auth.required")
+def test_simpleenroll_without_credentials_is_401_with_www_authenticate(app):
+    before = StoreSnapshot.take(app)
+    response = post_est(app, csr_body(ec_key(), "rf-anon-dev"))
+    assert_refused(app, before, response, 401, "auth.required")
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
 
 
-def test_simpleenroll_refuses_unknown_token(est_instance):
-    before = StoreSnapshot.take(est_instance)
-    response = post_est(est_instance, csr_body(ec_key(), "rf-forged-dev"),
+def test_simpleenroll_refuses_unknown_token(app):
+    before = StoreSnapshot.take(app)
+    response = post_est(app, csr_body(ec_key(), "rf-forged-dev"),
                         token="et_" + "A" * 43)
-    assert_refused(est_instance, before, response, 401, "auth.token_invalid")
+    assert_refused(app, before, response, 401, "auth.token_invalid")
     assert "WWW-Authenticate" in response.headers
 
 
-def test_simpleenroll_refuses_reused_token_and_keeps_first_certificate(est_instance):
-    token = est_instance.token("default")
-    first = enroll(est_instance, ec_key(), "rf-reuse-dev-1", token)
-    before = StoreSnapshot.take(est_instance)
+def test_simpleenroll_refuses_reused_token_and_keeps_first_certificate(app):
+    token = app.token("default")
+    first = enroll(app, ec_key(), "rf-reuse-dev-1", token)
+    before = StoreSnapshot.take(app)
     for common_name in ("rf-reuse-dev-1", "rf-reuse-dev-2"):  # same id or another, new key
-        response = post_est(est_instance, csr_body(ec_key(), common_name), token=token)
-        assert_refused(est_instance, before, response, 401, "auth.token_used")
-        before = StoreSnapshot.take(est_instance)
-    assert certificate_status(est_instance, first) == "active"
+        response = post_est(app, csr_body(ec_key(), common_name), token=token)
+        assert_refused(app, before, response, 401, "auth.token_used")
+        before = StoreSnapshot.take(app)
+    assert certificate_status(app, first) == "active"
 
 
-def test_simpleenroll_refuses_expired_token(est_instance):
-    token = est_instance.cli_json("token", "create", "--group", "default",
-                                  "--ttl", "1s")["token"]
-    time.sleep(1.2)
-    before = StoreSnapshot.take(est_instance)
-    response = post_est(est_instance, csr_body(ec_key(), "rf-late-dev"), token=token)
-    assert_refused(est_instance, before, response, 401, "auth.token_expired")
-    assert not token_used(est_instance, token)
+def test_simpleenroll_refuses_expired_token(app):
+    token = app.token("default", ttl=dt.timedelta(seconds=1))
+    app.clock.advance(seconds=2)
+    before = StoreSnapshot.take(app)
+    response = post_est(app, csr_body(ec_key(), "rf-late-dev"), token=token)
+    assert_refused(app, before, response, 401, "auth.token_expired")
+    assert not token_used(app, token)
 
 
-def test_simpleenroll_refuses_token_of_another_group_on_labelled_path(est_instance):
-    est_instance.cli("group", "create", "refusals-other")
-    token = est_instance.token("refusals-other")
-    before = StoreSnapshot.take(est_instance)
-    response = post_est(est_instance, csr_body(ec_key(), "rf-label-dev"), token=token,
+def test_simpleenroll_refuses_token_of_another_group_on_labelled_path(app):
+    app.create_group("refusals-other")
+    token = app.token("refusals-other")
+    before = StoreSnapshot.take(app)
+    response = post_est(app, csr_body(ec_key(), "rf-label-dev"), token=token,
                         label="default")
-    assert_refused(est_instance, before, response, 403, "auth.token_group_mismatch")
-    assert not token_used(est_instance, token)
+    assert_refused(app, before, response, 403, "auth.token_group_mismatch")
+    assert not token_used(app, token)
 
 
 @pytest.mark.parametrize(("label", "status", "code"), [
     ("no-such-group", 404, "est.unknown_label"),  # before the token is even looked at
     ("x" * 65, 400, "est.bad_label"),  # longer than any group name (or audit column)
 ])
-def test_simpleenroll_refuses_unknown_or_invalid_est_label(est_instance, label, status,
+def test_simpleenroll_refuses_unknown_or_invalid_est_label(app, label, status,
                                                            code):
-    token = est_instance.token("default")
-    before = StoreSnapshot.take(est_instance)
-    response = post_est(est_instance, csr_body(ec_key(), "rf-nolabel-dev"), token=token,
+    token = app.token("default")
+    before = StoreSnapshot.take(app)
+    response = post_est(app, csr_body(ec_key(), "rf-nolabel-dev"), token=token,
                         label=label)
-    assert_refused(est_instance, before, response, status, code)
-    assert not token_used(est_instance, token)
+    assert_refused(app, before, response, status, code)
+    assert not token_used(app, token)
 
 
 # -- identities and retries (checklist 15) ---------------------------------------------
-def test_unbound_token_cannot_take_over_an_enrolled_device_id(est_instance):
-    first = enroll(est_instance, ec_key(), "rf-taken-dev")
-    token = est_instance.token("default")
-    before = StoreSnapshot.take(est_instance)
-    response = post_est(est_instance, csr_body(ec_key(), "rf-taken-dev"), token=token)
-    assert_refused(est_instance, before, response, 409, "identity.taken")
-    assert not token_used(est_instance, token)
-    assert certificate_status(est_instance, first) == "active"
+def test_unbound_token_cannot_take_over_an_enrolled_device_id(app):
+    first = enroll(app, ec_key(), "rf-taken-dev")
+    token = app.token("default")
+    before = StoreSnapshot.take(app)
+    response = post_est(app, csr_body(ec_key(), "rf-taken-dev"), token=token)
+    assert_refused(app, before, response, 409, "identity.taken")
+    assert not token_used(app, token)
+    assert certificate_status(app, first) == "active"
 
 
-def test_token_retry_with_same_key_returns_the_same_certificate(est_instance):
-    key, token = ec_key(), est_instance.token("default")
-    first = enroll(est_instance, key, "rf-retry-dev", token)
-    certificates = db_count(est_instance, "certificate")
-    again = enroll(est_instance, key, "rf-retry-dev", token)
+def test_token_retry_with_same_key_returns_the_same_certificate(app):
+    key, token = ec_key(), app.token("default")
+    first = enroll(app, key, "rf-retry-dev", token)
+    certificates = db_count(app, "certificate")
+    again = enroll(app, key, "rf-retry-dev", token)
     assert again == first
-    assert db_count(est_instance, "certificate") == certificates
-    assert certificate_status(est_instance, first) == "active"
+    assert db_count(app, "certificate") == certificates
+    assert certificate_status(app, first) == "active"
 
 
 def _race(instance, requests: list[tuple[bytes, str]]) -> list[httpx.Response]:
@@ -239,32 +241,32 @@ def _race(instance, requests: list[tuple[bytes, str]]) -> list[httpx.Response]:
         return list(pool.map(send, requests))
 
 
-def test_one_token_racing_concurrently_issues_exactly_one_certificate(est_instance):
-    token = est_instance.token("default")
-    before = StoreSnapshot.take(est_instance)
-    responses = _race(est_instance, [(csr_body(ec_key(), "rf-race-dev"), token)
+def test_one_token_racing_concurrently_issues_exactly_one_certificate(app):
+    token = app.token("default")
+    before = StoreSnapshot.take(app)
+    responses = _race(app, [(csr_body(ec_key(), "rf-race-dev"), token)
                                      for _ in range(6)])
     statuses = sorted((r.status_code, r.headers.get("X-Error-Code")) for r in responses)
     assert statuses == [(200, None)] + [(401, "auth.token_used")] * 5
-    assert db_count(est_instance, "certificate") == before.certificates + 1
-    assert db_count(est_instance, "device", "device_id = 'rf-race-dev'") == 1
-    assert sorted(o for _a, o, _c in before.audit_since(est_instance)) == (
+    assert db_count(app, "certificate") == before.certificates + 1
+    assert db_count(app, "device", "device_id = 'rf-race-dev'") == 1
+    assert sorted(o for _a, o, _c in before.audit_since(app)) == (
         ["refused"] * 5 + ["success"])
 
 
-def test_distinct_tokens_racing_for_one_device_id_issue_one_certificate(est_instance):
+def test_distinct_tokens_racing_for_one_device_id_issue_one_certificate(app):
     """Two operators' unbound tokens, one id: the loser must never supersede the winner."""
     with concurrent.futures.ThreadPoolExecutor(6) as pool:  # six operators, in parallel
-        tokens = list(pool.map(lambda _: est_instance.token("default"), range(6)))
-    before = StoreSnapshot.take(est_instance)
-    responses = _race(est_instance, [(csr_body(ec_key(), "rf-contested-dev"), token)
+        tokens = list(pool.map(lambda _: app.token("default"), range(6)))
+    before = StoreSnapshot.take(app)
+    responses = _race(app, [(csr_body(ec_key(), "rf-contested-dev"), token)
                                      for token in tokens])
     statuses = sorted((r.status_code, r.headers.get("X-Error-Code")) for r in responses)
     assert statuses == [(200, None)] + [(409, "identity.taken")] * 5
     (winner,) = [issued_certificate(r) for r in responses if r.status_code == 200]
-    assert certificate_status(est_instance, winner) == "active"
-    assert db_count(est_instance, "certificate") == before.certificates + 1
-    assert db_count(est_instance, "enrollment_token", "used_at IS NOT NULL") == (
+    assert certificate_status(app, winner) == "active"
+    assert db_count(app, "certificate") == before.certificates + 1
+    assert db_count(app, "enrollment_token", "used_at IS NOT NULL") == (
         before.used_tokens + 1)
 
 
@@ -286,75 +288,76 @@ def assert_reenroll_refused(instance, before, response, status, code) -> None:
     assert_refused(instance, before, response, status, code, action="est.simplereenroll")
 
 
-def test_reenroll_with_a_new_key_supersedes_the_old_certificate(est_instance, tmp_path):
-    old, _key, client = enrolled(est_instance, tmp_path, "rf-renew-dev")
+def test_reenroll_with_a_new_key_supersedes_the_old_certificate(app, tmp_path):
+    old, _key, client = enrolled(app, tmp_path, "rf-renew-dev")
     new_key = ec_key()
     with client:
-        new = issued_certificate(reenroll(est_instance, client, new_key, "rf-renew-dev"))
+        new = issued_certificate(reenroll(app, client, new_key, "rf-renew-dev"))
     assert new.public_key() == new_key.public_key() and new.subject == old.subject
-    assert certificate_status(est_instance, old) == "superseded"
-    assert certificate_status(est_instance, new) == "active"
+    assert certificate_status(app, old) == "superseded"
+    assert certificate_status(app, new) == "active"
 
 
-def test_reenroll_refuses_subject_change(est_instance, tmp_path):
-    old, _key, client = enrolled(est_instance, tmp_path, "rf-rename-dev")
-    before = StoreSnapshot.take(est_instance)
+def test_reenroll_refuses_subject_change(app, tmp_path):
+    old, _key, client = enrolled(app, tmp_path, "rf-rename-dev")
+    before = StoreSnapshot.take(app)
     with client:
-        response = reenroll(est_instance, client, ec_key(), "rf-rename-dev-2")
-    assert_reenroll_refused(est_instance, before, response, 403, "reenroll.names_changed")
-    assert certificate_status(est_instance, old) == "active"
+        response = reenroll(app, client, ec_key(), "rf-rename-dev-2")
+    assert_reenroll_refused(app, before, response, 403, "reenroll.names_changed")
+    assert certificate_status(app, old) == "active"
 
 
 @pytest.mark.parametrize(("column", "value", "status", "code"), [
     ("status", "revoked", 403, "cert.revoked"),
     ("not_after", "2001-01-01 00:00:00", 401, "cert.expired"),
 ])
-def test_reenroll_refuses_revoked_or_expired_certificate(est_instance, tmp_path, column,
+def test_reenroll_refuses_revoked_or_expired_certificate(app, tmp_path, column,
                                                          value, status, code):
-    old, key, client = enrolled(est_instance, tmp_path, f"rf-dead-dev-{column}")
+    old, key, client = enrolled(app, tmp_path, f"rf-dead-dev-{column}")
     # Test setup: there is no revoke command yet, and a real expiry takes a year.
-    db_write(est_instance, f"UPDATE certificate SET {column} = ? WHERE serial = ?",
+    db_write(app, f"UPDATE certificate SET {column} = ? WHERE serial = ?",
              (value, str(old.serial_number)))
-    before = StoreSnapshot.take(est_instance)
+    before = StoreSnapshot.take(app)
     with client:
-        response = reenroll(est_instance, client, key, f"rf-dead-dev-{column}")
-    assert_reenroll_refused(est_instance, before, response, status, code)
+        response = reenroll(app, client, key, f"rf-dead-dev-{column}")
+    assert_reenroll_refused(app, before, response, status, code)
     if column == "not_after":
-        assert certificate_status(est_instance, old) == "active"
+        assert certificate_status(app, old) == "active"
 
 
-def test_reenroll_without_client_certificate_is_401(est_instance):
-    before = StoreSnapshot.take(est_instance)
-    response = post_est(est_instance, csr_body(ec_key(), "rf-nocert-dev"),
+def test_reenroll_without_client_certificate_is_401(app):
+    before = StoreSnapshot.take(app)
+    response = post_est(app, csr_body(ec_key(), "rf-nocert-dev"),
                         operation="simplereenroll")
-    assert_reenroll_refused(est_instance, before, response, 401, "auth.required")
+    assert_reenroll_refused(app, before, response, 401, "auth.required")
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
 
 
 def test_reenroll_retry_with_superseded_cert_and_same_key_returns_same_certificate(
-        est_instance, tmp_path):
-    old, _key, client = enrolled(est_instance, tmp_path, "rf-lost-reply-dev")
+        app, tmp_path):
+    old, _key, client = enrolled(app, tmp_path, "rf-lost-reply-dev")
     new_key = ec_key()
     with client:
-        new = issued_certificate(reenroll(est_instance, client, new_key, "rf-lost-reply-dev"))
-        certificates = db_count(est_instance, "certificate")
-        again = issued_certificate(reenroll(est_instance, client, new_key, "rf-lost-reply-dev"))
+        new = issued_certificate(reenroll(app, client, new_key, "rf-lost-reply-dev"))
+        certificates = db_count(app, "certificate")
+        again = issued_certificate(reenroll(app, client, new_key, "rf-lost-reply-dev"))
     assert again == new
-    assert db_count(est_instance, "certificate") == certificates
-    assert certificate_status(est_instance, old) == "superseded"
-    assert certificate_status(est_instance, new) == "active"
+    assert db_count(app, "certificate") == certificates
+    assert certificate_status(app, old) == "superseded"
+    assert certificate_status(app, new) == "active"
 
 
-def test_reenroll_refuses_superseded_certificate_with_another_key(est_instance, tmp_path):
-    _old, _key, client = enrolled(est_instance, tmp_path, "rf-stale-dev")
+def test_reenroll_refuses_superseded_certificate_with_another_key(app, tmp_path):
+    _old, _key, client = enrolled(app, tmp_path, "rf-stale-dev")
     with client:
-        new = issued_certificate(reenroll(est_instance, client, ec_key(), "rf-stale-dev"))
-        before = StoreSnapshot.take(est_instance)
-        response = reenroll(est_instance, client, ec_key(), "rf-stale-dev")
-    assert_reenroll_refused(est_instance, before, response, 403, "cert.superseded")
-    assert certificate_status(est_instance, new) == "active"
+        new = issued_certificate(reenroll(app, client, ec_key(), "rf-stale-dev"))
+        before = StoreSnapshot.take(app)
+        response = reenroll(app, client, ec_key(), "rf-stale-dev")
+    assert_reenroll_refused(app, before, response, 403, "cert.superseded")
+    assert certificate_status(app, new) == "active"
 
 
+@pytest.mark.integration
 def test_reenroll_with_untrusted_client_certificate_fails_tls_handshake(est_instance,
                                                                         tmp_path):
     rogue = FactoryCA.create("Rogue")  # self-signed, not in the server's trust store

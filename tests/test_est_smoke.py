@@ -2,6 +2,7 @@
 
 import datetime as dt
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -9,6 +10,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from device_sdk.est import EstClient
 from tests.support.fixtures import db_count
+
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
 
 
 def csr(key, cn):

@@ -29,6 +29,8 @@ from tests.support.attest_helpers import roots_file
 from tests.support.firmware_device import HOOKS, PCR, PLAIN_GROUP, SCRIPTS, Device
 from tests.support.tcp_relay import Forwarder
 
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
 UNITS = ("enroll-device-measure.service", "enroll-device-first-boot.service",
          "enroll-device-agent.service")
 PCR_GROUP = "fw-hooks-pcr"

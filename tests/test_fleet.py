@@ -26,6 +26,8 @@ from simulators.served import ServedInstance
 
 SIM = Path(sys.executable).parent / "enroll-sim"
 
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
 
 def _processes_under(directory: str) -> list[str]:
     out = subprocess.run(["pgrep", "-a", "-f", directory], capture_output=True, text=True)

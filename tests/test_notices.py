@@ -179,6 +179,7 @@ def test_compact_jws_verifies_with_joserfc_alone(pki: Pki) -> None:
         jws.deserialize_compact(token, other, registry=registry)
 
 
+@pytest.mark.integration
 def test_notice_signed_by_key_in_softhsm_verifies(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch,
                                                   pki: Pki) -> None:

@@ -436,6 +436,7 @@ def test_responder_refuses_a_certificate_that_is_not_an_ocsp_signer(pki: Pki) ->
         OcspResponder(pki.ca, other.responder, other.responder_key, pki.book.lookup)
 
 
+@pytest.mark.integration
 def test_crl_and_ocsp_response_signed_by_a_softhsm_key_verify_in_openssl(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A missing SoftHSM is a failure, never a skip (`make test` installs it)."""

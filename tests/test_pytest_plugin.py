@@ -8,6 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
+
 PROJECT_TEST = '''
 from cryptography import x509
 

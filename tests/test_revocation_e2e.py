@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -24,6 +25,8 @@ from simulators.served import ServedInstance
 from tests.support.est_helpers import csr_der, est_body, make_csr
 from tests.support.fixtures import db_count
 from tests.support.fleet import RevocationRig, SoftDevice, wait_for
+
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
 
 
 def ca_certificates(instance: ServedInstance) -> list[x509.Certificate]:

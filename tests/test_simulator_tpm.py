@@ -43,6 +43,8 @@ from simulators.swtpm_localca import (
     provision_with_swtpm_setup,
 )
 
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
 _timings: list[str] = []
 SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 

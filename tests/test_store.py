@@ -82,9 +82,9 @@ def test_a_token_is_consumed_exactly_once_and_stored_only_as_a_hash(repository):
     assert found is not None and found.id == row.id
     assert repository.find_token(secret + "x") is None
     with repository.transaction():
-        assert repository.consume_token(found, "dev-1") is True
+        assert repository.consume_token(found.id, "dev-1") is True
     with repository.transaction():
-        assert repository.consume_token(found, "dev-2") is False
+        assert repository.consume_token(found.id, "dev-2") is False
     assert EnrollmentToken.get_by_id(row.id).used_by_device == "dev-1"
 
 
@@ -120,7 +120,7 @@ def _columns(database) -> dict[str, set[str]]:
             for table in database.get_tables()}
 
 
-@pytest.mark.parametrize("start", [1, 2])
+@pytest.mark.parametrize("start", range(1, store_db.SCHEMA_VERSION))  # every older schema
 def test_an_old_database_migrates_to_exactly_the_fresh_schema(tmp_path, start):
     fresh = store_db.open_database(f"sqlite:///{tmp_path}/fresh.db")
     fresh.connect()
@@ -134,19 +134,54 @@ def test_an_old_database_migrates_to_exactly_the_fresh_schema(tmp_path, start):
             step(old)
             SchemaVersion.create(version=version)
         group = EnrollmentGroup.select(EnrollmentGroup.id, EnrollmentGroup.name).first()
-        extra = ", ak_name" if start >= 2 else ""
-        old.execute_sql(f"INSERT INTO device (device_id, group_id, status, enrolled_by, "
-                        f"identity_pin, created_at, updated_at{extra}) VALUES ('d1', ?, "
-                        f"'active', 'token', '', '2026-01-01', '2026-01-01'"
-                        f"{', $$' if extra else ''})".replace("$$", "''"), (group.id,))
+        added = {2: {"ak_name": "''"}, 3: {"notice_sequence": "0"}}  # NOT NULL ones
+        extra = {k: v for version, columns in added.items() if start >= version
+                 for k, v in columns.items()}
+        old.execute_sql("INSERT INTO device (device_id, group_id, status, enrolled_by, "
+                        "identity_pin, created_at, updated_at"
+                        + "".join(f", {k}" for k in extra) + ") VALUES ('d1', ?, 'active', "
+                        "'token', '', '2026-01-01', '2026-01-01'"
+                        + "".join(f", {v}" for v in extra.values()) + ")", (group.id,))
+        issuer = ("", "") if start < 3 else (", issuer", ", 'issuing-ca'")
         old.execute_sql("INSERT INTO certificate (serial, device_id, fingerprint_sha256, "
                         "public_key_sha256, subject, not_before, not_after, der, status, "
-                        "issued_via, created_at) VALUES ('7', 1, 'f', 'k', 'CN=d1', "
-                        "'2026-01-01', '2027-01-01', x'00', 'active', 'token', '2026-01-01')")
-    assert "outbox_message" not in old.get_tables()
+                        f"issued_via, created_at{issuer[0]}) VALUES ('7', 1, 'f', 'k', "
+                        "'CN=d1', '2026-01-01', '2027-01-01', x'00', 'active', 'token', "
+                        f"'2026-01-01'{issuer[1]})")
+    assert ("outbox_message" in old.get_tables()) == (start >= 3)
     assert store_db.migrate(old) == store_db.SCHEMA_VERSION  # rows referencing rebuilt tables
     assert _columns(old) == expected
     device = Device.get(Device.device_id == "d1")
     assert (device.notice_sequence, device.status) == (0, "active")
     assert Certificate.get(Certificate.serial == "7").device_id == device.id
     old.close()
+
+
+def _ca(name: str) -> dict:
+    return {"name": name, "certificate_pem": f"PEM of {name}", "key_backend": "file",
+            "key_label": f"ca/{name}.key", "key_passphrase_file": None,
+            "not_after": dt.datetime(2030, 1, 1)}
+
+
+def test_a_ca_rotation_commits_in_one_transaction_and_refuses_a_lost_race(repository):
+    from enroll_server.errors import Conflict
+
+    assert repository.record_first_ca(_ca("issuing-ca"))
+    now = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
+    calls = []
+    # Another rotation made issuing-ca-2 active meanwhile: nothing written, no callback.
+    with pytest.raises(Conflict) as refused:
+        repository.rotate_ca(_ca("issuing-ca-3"), "issuing-ca-2", now,
+                             lambda *args: calls.append(args))
+    assert refused.value.code == "ca.rotation_conflict" and calls == []
+    assert [(r.name, r.status) for r in repository.ca_rows()] == [("issuing-ca", "active")]
+    # The callback fails: the whole rotation is rolled back.
+    with pytest.raises(RuntimeError):
+        repository.rotate_ca(_ca("issuing-ca-2"), "issuing-ca", now,
+                             lambda *args: (_ for _ in ()).throw(RuntimeError("crl")))
+    assert [(r.name, r.status) for r in repository.ca_rows()] == [("issuing-ca", "active")]
+    assert repository.rotate_ca(_ca("issuing-ca-2"), "issuing-ca", now,
+                                lambda retired, current: (retired, current)) == (
+        ["issuing-ca"], [])
+    assert [(r.name, r.status) for r in repository.ca_rows()] == [
+        ("issuing-ca", "retired"), ("issuing-ca-2", "active")]

@@ -23,6 +23,8 @@ from tests.support.services import (
     port_open,
 )
 
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
 
 def pgrep(pattern: str) -> list[str]:
     res = subprocess.run(["pgrep", "-a", "-f", pattern], capture_output=True, text=True)

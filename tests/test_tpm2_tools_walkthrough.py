@@ -37,6 +37,8 @@ from simulators.served import BIN, ServedInstance
 from simulators.swtpm import SwtpmInstance
 from simulators.swtpm_localca import provision_with_swtpm_setup
 
+pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
+
 DOC = Path(__file__).resolve().parents[1] / "docs" / "tpm2-tools-walkthrough.md"
 FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<body>.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 SETUP_VARIABLES = {"INSTANCE", "GROUP", "EST_URL", "CA_CHAIN", "EK_ALG", "AK_ALG",

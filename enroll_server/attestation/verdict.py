@@ -6,16 +6,17 @@ and never changes; the ``public`` text is safe for any client and never contains
 expected side of a failed comparison (nonce, secret, PCR digest, object names). What a
 verifier saw and expected goes into ``detail``, which only the audit log receives.
 
-Malformed input (truncated, trailing bytes, wrong structure) is a 400: the client sent
-something that is not TPM evidence at all. Everything else is a 403: well-formed evidence
-that does not prove what it must.
+Malformed input (truncated, trailing bytes, wrong structure) is a bad request: the client
+sent something that is not TPM evidence at all. Everything else is forbidden: well-formed
+evidence that does not prove what it must. The HTTP statuses of both come from the base
+classes in enroll_server/errors.py (the one place that knows HTTP).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from enroll_server.errors import EnrollError
+from enroll_server.errors import BadRequest, Forbidden
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,9 @@ class Finding:
     detail: str
 
 
-class AttestationError(EnrollError):
-    """Base of every refusal of TPM evidence (403 unless the input is malformed)."""
+class AttestationError(Forbidden):
+    """Base of every refusal of TPM evidence (forbidden unless the input is malformed)."""
 
-    status = 403
     code = "attestation.refused"
     public = "The TPM evidence was refused."
 
@@ -38,10 +38,10 @@ class AttestationError(EnrollError):
         return Finding(self.code, self.detail)
 
 
-class MalformedEvidence(AttestationError):
-    """Bytes that do not unmarshal as the TPM structure the field must hold (400)."""
+class MalformedEvidence(BadRequest, AttestationError):
+    """Bytes that do not unmarshal as the TPM structure the field must hold (a bad
+    request: BadRequest comes first in its MRO)."""
 
-    status = 400
     code = "evidence.malformed"
     public = "The TPM evidence is malformed."
 

@@ -15,16 +15,15 @@ import hashlib
 import hmac
 import json
 
-from flask import Blueprint, Response, request
+from flask import Response, g, request
 from marshmallow import RAISE, Schema, fields, validate
 
-from ..errors import NotFound, Unauthorized
+from ..errors import ErrorFormat, NotFound, Unauthorized
 from ..revocation import REASONS
-from ..store.models import Certificate
 from . import schemas
-from .est import check_rate, read_body, services
+from .common import audited, check_rate, make_blueprint, read_json, services
 
-blueprint = Blueprint("admin", __name__, url_prefix="/api/v1")
+blueprint = make_blueprint("admin", ErrorFormat.PROBLEM_JSON, url_prefix="/api/v1")
 
 
 class RevocationSchema(Schema):
@@ -48,14 +47,11 @@ def _operator() -> str:
     presented = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
     digest = hashlib.sha256(presented.encode()).hexdigest()
     if not expected or not presented or not hmac.compare_digest(digest, expected):
-        error = Unauthorized("Present the operator credential as a Bearer token.",
-                             code="operator.unauthorized")
-        services().repository.audit(actor="anonymous", action=f"api.{request.endpoint}",
-                                    outcome="refused", code=error.code,
-                                    remote_addr=request.remote_addr,
-                                    detail="no or wrong operator credential")
-        raise error
-    return "operator:api:" + expected[:8]
+        raise Unauthorized("Present the operator credential as a Bearer token.",
+                           code="operator.unauthorized",
+                           detail="no or wrong operator credential")
+    g.actor = "operator:api:" + expected[:8]
+    return g.actor
 
 
 def _json(body: object, status: int = 200) -> Response:
@@ -64,13 +60,10 @@ def _json(body: object, status: int = 200) -> Response:
 
 
 @blueprint.post("/revocations")
+@audited("api.admin.revoke")
 def revoke() -> Response:
     actor = _operator()
-    try:
-        document = json.loads(read_body(services().settings.server.max_body_bytes) or b"null")
-    except ValueError:
-        document = None
-    fields_ = schemas.load(_REVOCATION, document)
+    fields_ = schemas.load(_REVOCATION, read_json())
     result = services().revocation.revoke(
         actor=actor, reason=fields_["reason"], device_id=fields_.get("device_id"),
         serial=fields_.get("serial"), group=fields_.get("group"))
@@ -80,27 +73,22 @@ def revoke() -> Response:
 
 
 @blueprint.post("/devices/<device_id>/readmit")
+@audited("api.admin.readmit")
 def readmit(device_id: str) -> Response:
     services().revocation.readmit(device_id[:64], _operator())
     return _json({"device_id": device_id, "status": "active"})
 
 
 @blueprint.get("/devices/<device_id>")
+@audited("api.admin.device")
 def device(device_id: str) -> Response:
     _operator()
-    repository = services().repository
-
-    def load() -> dict:
-        row = repository.device(device_id[:64])
-        if row is None:
-            raise NotFound("No such device.", code="device.not_found")
-        certificates = Certificate.select().where(Certificate.device == row).order_by(
-            Certificate.id.desc())
-        return {"device_id": row.device_id, "group": row.group.name, "status": row.status,
-                "enrolled_by": row.enrolled_by, "revoked_at": row.revoked_at,
-                "revocation_reason": row.revocation_reason,
-                "certificates": [{"serial": format(int(c.serial), "x"), "status": c.status,
-                                  "not_after": c.not_after, "revoked_at": c.revoked_at,
-                                  "reason": c.revocation_reason} for c in certificates]}
-
-    return _json(repository.run(load))
+    report = services().repository.device_report(device_id[:64])
+    if report is None:
+        raise NotFound("No such device.", code="device.not_found")
+    return _json({key: report[key] for key in (
+        "device_id", "group", "status", "enrolled_by", "revoked_at", "revocation_reason")}
+        | {"certificates": [
+            {"serial": format(int(c["serial"]), "x"), "status": c["status"],
+             "not_after": c["not_after"], "revoked_at": c["revoked_at"],
+             "reason": c["reason"]} for c in report["certificates"]]})

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+from flask import current_app, jsonify
 
-blueprint = Blueprint("health", __name__)
+from ..errors import ErrorFormat
+from .common import make_blueprint
+
+blueprint = make_blueprint("health", ErrorFormat.PROBLEM_JSON)
 
 
 @blueprint.get("/healthz")
@@ -17,7 +20,7 @@ def readyz():
     services = current_app.extensions["enroll"]
     checks = {"database": True, "signer": True}
     try:
-        services.repository.run(lambda: services.database.execute_sql("SELECT 1"))
+        services.repository.ping()
     except Exception:  # noqa: BLE001 - readiness reports, it does not raise
         checks["database"] = False
     health = getattr(services.signer.private_key, "health", None)

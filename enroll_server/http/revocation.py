@@ -26,16 +26,15 @@ import urllib.parse
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from flask import Blueprint, Response, request
+from flask import Response, request
 
 from ..ca.ocsp import malformed_request_response
 from ..ca.profiles import CA_NAME_PATTERN
-from ..errors import NotFound, ServiceUnavailable
-from ..revocation import latest_crl
-from ..store.models import IssuingCa
-from .est import services
+from ..errors import ErrorFormat, NotFound, ServiceUnavailable
+from ..store.repository import Repository
+from .common import make_blueprint, services
 
-blueprint = Blueprint("revocation", __name__)
+blueprint = make_blueprint("revocation", ErrorFormat.PROBLEM_JSON)
 OCSP_RESPONSE = "application/ocsp-response"
 _MAX_OCSP_REQUEST = 4096
 
@@ -43,7 +42,7 @@ _MAX_OCSP_REQUEST = 4096
 class _PerCaCache:
     """A value per CA name, re-read from the database at most once a second."""
 
-    def __init__(self, read) -> None:  # noqa: ANN001 - (name) -> value or None
+    def __init__(self, read) -> None:  # noqa: ANN001 - (repository, name) -> value or None
         self._read = read
         self._lock = threading.Lock()
         self._values: dict[str, tuple[float, object]] = {}
@@ -53,8 +52,7 @@ class _PerCaCache:
             cached = self._values.get(name)
             if cached is not None and time.monotonic() - cached[0] < 1.0:
                 return cached[1]
-        svc = services()
-        value = svc.repository.read(lambda: self._read(name))
+        value = self._read(services().repository, name)
         with self._lock:
             if value is not None or name in self._values:
                 self._values[name] = (time.monotonic(), value)
@@ -63,19 +61,19 @@ class _PerCaCache:
             return value
 
 
-def _read_crl(name: str) -> tuple[int, bytes, str] | None:
-    latest = latest_crl(name)
+def _read_crl(repository: Repository, name: str) -> tuple[int, bytes, str] | None:
+    latest = repository.latest_crl(name)
     if latest is None:
         return None
     expires = latest.next_update.strftime("%a, %d %b %Y %H:%M:%S GMT")
     return latest.crl_number, bytes(latest.der), expires
 
 
-def _read_ca(name: str) -> bytes | None:
-    row = IssuingCa.select(IssuingCa.certificate_pem).where(IssuingCa.name == name).first()
-    if row is None:
+def _read_ca(repository: Repository, name: str) -> bytes | None:
+    pem = repository.read(lambda: repository.ca_certificate_pem(name))
+    if pem is None:
         return None
-    return x509.load_pem_x509_certificate(row.certificate_pem.encode()).public_bytes(
+    return x509.load_pem_x509_certificate(pem.encode()).public_bytes(
         serialization.Encoding.DER)
 
 

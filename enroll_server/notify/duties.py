@@ -6,6 +6,10 @@
   CA's CRL is kept until its certificate expires;
 - renewal: certificates whose ``renew_at`` has come get a signed renewal-due notice
   (once), in the same transaction that marks them noticed;
+- superseded certificates: once a renewed certificate's grace period is over (the
+  group's ``supersede_grace_seconds``), its revocation (reason superseded) is recorded.
+  OCSP and every CRL built from then on already count it as revoked; recording it makes
+  the CRL stale, so the next duty publishes it at once;
 - CRL: each live CA's CRL is rebuilt when stale (older than revocation.crl_refresh_hours,
   or older than the newest revocation of that CA, e.g. when the revoking process could
   not rebuild it);
@@ -25,8 +29,7 @@ from ..ca.signer import Signer
 from ..config import RevocationSettings
 from ..errors import EnrollError
 from ..revocation import CrlPublisher
-from ..store.models import Certificate, Device
-from ..store.repository import Repository, naive_utc
+from ..store.repository import Repository
 from .broker import BrokerCrlSync
 from .issuer import NoticeIssuer
 
@@ -36,18 +39,9 @@ log = logging.getLogger(__name__)
 def schedule_renewals(repository: Repository, notices: NoticeIssuer, now: dt.datetime,
                       limit: int = 500) -> int:
     """Queue renewal-due notices for certificates past their renew_at; returns how many."""
-    with repository.transaction():
-        due = list(Certificate.select(Certificate, Device).join(Device).where(
-            (Certificate.status == "active") & (Device.status == "active")
-            & Certificate.renewal_noticed_at.is_null()
-            & (Certificate.renew_at <= naive_utc(now))).limit(limit))
-        for certificate in due:
-            notices.enqueue(certificate.device, "renewal_due", certificate.serial, now,
-                            extra={"not_after": certificate.not_after.isoformat() + "Z"})
-        if due:
-            Certificate.update(renewal_noticed_at=naive_utc(now)).where(
-                Certificate.id.in_([c.id for c in due])).execute()
-    return len(due)
+    return repository.schedule_renewals(now, lambda device, certificate: notices.enqueue(
+        device, "renewal_due", certificate.serial, now,
+        extra={"not_after": certificate.not_after.isoformat() + "Z"}), limit)
 
 
 class Duties:
@@ -79,8 +73,8 @@ class Duties:
         if time.monotonic() - self._last < self.every:
             return
         self._last = time.monotonic()
-        for duty in (self.refresh_authorities, self.renewals, self.refresh_crl,
-                     self.sync_broker):
+        for duty in (self.refresh_authorities, self.renewals, self.revoke_superseded,
+                     self.refresh_crl, self.sync_broker):
             try:
                 duty()
             except EnrollError as error:
@@ -100,13 +94,17 @@ class Duties:
         if count:
             log.info("queued %d renewal-due notice(s)", count)
 
+    def revoke_superseded(self) -> None:
+        issuers = self.repository.revoke_superseded(self.clock())
+        if issuers:
+            log.info("recorded the revocation of superseded certificates of %s",
+                     ", ".join(issuers))
+
     def refresh_crl(self) -> None:
         failures = []
         for name, publisher in self.crls.items():
             try:
-                with self.repository.transaction(readonly=True):
-                    stale = publisher.is_stale()
-                if stale:
+                if publisher.is_stale(self.repository):
                     number = publisher.publish_from(self.repository).crl_number
                     log.info("published CRL number %d of %s", number, name)
             except EnrollError as error:  # one CA's failure does not stop the others
@@ -119,7 +117,7 @@ class Duties:
             return
         crls = []
         for name, publisher in self.crls.items():
-            latest = self.repository.read(publisher.latest)
+            latest = publisher.latest(self.repository)
             if latest is not None:
                 crls.append((name, latest.crl_number, bytes(latest.der)))
         trusted = [signer.ca_certificate for signer in self.authorities.live()] + list(

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
+from typing import Any
 
 from ..ca.delegated import Delegate
 from ..config import NoticeSettings
-from ..store.models import Device, OutboxMessage
+from ..store.outbox import enqueue_notice
 from .notices import Notice, fleet_revocation_topic, sign_notice, topic_for
 
 
@@ -25,29 +26,30 @@ class NoticeIssuer:
         self.signer = signer
         self.topic_prefix = topic_prefix
 
-    def enqueue(self, device: Device, kind: str, serial: int | str, now: dt.datetime,
+    def enqueue(self, device: Any, kind: str, serial: int | str, now: dt.datetime,
                 reason: str | None = None,
                 extra: Mapping[str, object] | None = None) -> Notice:  # fmt: skip
-        """Sign a notice for ``device`` and write its outbox rows. Call inside the
-        transaction that made the decision."""
-        Device.update(notice_sequence=Device.notice_sequence + 1).where(
-            Device.id == device.id).execute()
-        sequence = Device.select(Device.notice_sequence).where(
-            Device.id == device.id).scalar()
+        """Sign a notice for ``device`` (a device row the repository handed over: id,
+        device_id, group.name) and write its outbox rows. Call inside the transaction
+        that made the decision."""
         group = device.group.name
-        notice = Notice(device_id=device.device_id, type=kind, serial=str(serial),
-                        sequence=int(sequence), issued_at=now,
-                        expires_at=now + dt.timedelta(days=self.settings.ttl_days),
-                        group=group, reason=reason, extra=dict(extra or {}))
-        token = sign_notice(notice, self.signer.key, self.signer.chain)
-        rows = [{"topic": topic_for(group, device.device_id, self.topic_prefix), "payload": token,
-                 "retain": True, "kind": kind, "device_id": device.device_id}]
-        if kind == "revocation":
-            rows.append({"topic": fleet_revocation_topic(group, self.topic_prefix),
-                         "payload": token, "retain": False, "kind": kind,
-                         "device_id": device.device_id})
-        naive_now = now.astimezone(dt.UTC).replace(tzinfo=None)
-        for row in rows:
-            row |= {"created_at": naive_now, "available_at": naive_now}
-        OutboxMessage.insert_many(rows).execute()
-        return notice
+        signed: list[Notice] = []
+
+        def sign(sequence: int) -> list[dict[str, Any]]:
+            notice = Notice(device_id=device.device_id, type=kind, serial=str(serial),
+                            sequence=sequence, issued_at=now,
+                            expires_at=now + dt.timedelta(days=self.settings.ttl_days),
+                            group=group, reason=reason, extra=dict(extra or {}))
+            signed.append(notice)
+            token = sign_notice(notice, self.signer.key, self.signer.chain)
+            rows = [{"topic": topic_for(group, device.device_id, self.topic_prefix),
+                     "payload": token, "retain": True, "kind": kind,
+                     "device_id": device.device_id}]
+            if kind == "revocation":
+                rows.append({"topic": fleet_revocation_topic(group, self.topic_prefix),
+                             "payload": token, "retain": False, "kind": kind,
+                             "device_id": device.device_id})
+            return rows
+
+        enqueue_notice(device.id, sign, now)
+        return signed[0]

@@ -1,15 +1,10 @@
 """The outbox relay: outbox rows -> MQTT (paho), QoS 1, marked sent after the PUBACK.
 
-Claiming (several relays may run against one database):
-- a row is claimable when unsent, due (``available_at``), not leased by a live relay, and
-  no older unsent row has the same topic (per-topic order: the retained notice a device
-  finds later is always the newest);
-- PostgreSQL claims with ``FOR UPDATE SKIP LOCKED`` then writes a lease, so two relays
-  never take the same row and no lock is held while publishing;
-- SQLite serialises writers, so the same UPDATE without SKIP LOCKED is enough.
-A relay that dies mid-publish leaves leased rows; they become claimable again when the
-lease ends, and are published again: at-least-once delivery. Devices drop duplicates by
-sequence number, so a notice takes effect exactly once.
+Claims, leases and backoff are the repository's (store/outbox.py): several relays may
+run against one database and never take the same row; one topic's notices go out in
+order. A relay that dies mid-publish leaves leased rows; they become claimable again
+when the lease ends, and are published again: at-least-once delivery. Devices drop
+duplicates by sequence number, so a notice takes effect exactly once.
 
 While the broker is down, publishing fails, rows are released with exponential backoff,
 and nothing is lost: they stay in the database until a PUBACK comes.
@@ -24,79 +19,31 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
-import peewee as pw
 
 from ..config import MqttSettings
-from ..store.models import OutboxMessage
-from ..store.repository import Repository, naive_utc
+from ..store.outbox import LEASE, Claimed
+from ..store.repository import Repository
 
 log = logging.getLogger(__name__)
-LEASE = dt.timedelta(seconds=30)
-MAX_BACKOFF = dt.timedelta(seconds=60)
 
-
-@dataclass(frozen=True)
-class Claimed:
-    id: int
-    topic: str
-    payload: str
-    retain: bool
-    attempts: int
-    kind: str = ""
-    device_id: str | None = None
-
-
-def _claimable(now: dt.datetime) -> pw.Expression:
-    older = OutboxMessage.alias("older")
-    blocked = older.select(older.id).where(
-        (older.topic == OutboxMessage.topic) & older.sent_at.is_null()
-        & (older.id < OutboxMessage.id))
-    return (OutboxMessage.sent_at.is_null() & (OutboxMessage.available_at <= now)
-            & (OutboxMessage.lease_until.is_null() | (OutboxMessage.lease_until < now))
-            & ~pw.fn.EXISTS(blocked))
+__all__ = ["LEASE", "Claimed", "MqttPublisher", "OutboxRelay", "claim", "mark_sent", "release"]
 
 
 def claim(repository: Repository, owner: str, now: dt.datetime, limit: int) -> list[Claimed]:
     """Lease up to ``limit`` due rows to ``owner`` and return them (oldest first)."""
-    naive = naive_utc(now)
-    with repository.transaction():
-        query = (OutboxMessage.select(OutboxMessage.id).where(_claimable(naive))
-                 .order_by(OutboxMessage.id).limit(limit))
-        if isinstance(repository.database, pw.PostgresqlDatabase):
-            query = query.for_update("FOR UPDATE SKIP LOCKED")
-        ids = [row.id for row in query]
-        if not ids:
-            return []
-        OutboxMessage.update(lease_owner=owner, lease_until=naive + LEASE).where(
-            OutboxMessage.id.in_(ids)).execute()
-        rows = (OutboxMessage.select().where(OutboxMessage.id.in_(ids))
-                .order_by(OutboxMessage.id))
-        return [Claimed(r.id, r.topic, r.payload, r.retain, r.attempts, r.kind, r.device_id)
-                for r in rows]
+    return repository.claim_outbox(owner, now, limit)
 
 
 def mark_sent(repository: Repository, owner: str, ids: list[int], now: dt.datetime) -> None:
-    if ids:
-        with repository.transaction():
-            OutboxMessage.update(sent_at=naive_utc(now), lease_owner=None, lease_until=None,
-                                 attempts=OutboxMessage.attempts + 1).where(
-                OutboxMessage.id.in_(ids) & (OutboxMessage.lease_owner == owner)).execute()
+    repository.mark_sent(owner, ids, now)
 
 
 def release(repository: Repository, owner: str, failed: list[Claimed], error: str,
             now: dt.datetime) -> None:
     """Back off: the rows become due again after 1, 2, 4 ... 60 s."""
-    with repository.transaction():
-        for row in failed:
-            delay = min(MAX_BACKOFF, dt.timedelta(seconds=2 ** min(row.attempts, 6)))
-            OutboxMessage.update(lease_owner=None, lease_until=None,
-                                 attempts=OutboxMessage.attempts + 1,
-                                 available_at=naive_utc(now + delay),
-                                 last_error=error[:256]).where(
-                (OutboxMessage.id == row.id) & (OutboxMessage.lease_owner == owner)).execute()
+    repository.release(owner, failed, error, now)
 
 
 class MqttPublisher:

@@ -1,5 +1,12 @@
 """Pure checks of a PKCS#10 request (RFC 2986) against an enrollment group's key policy.
 
+Every issuing path (EST token, bootstrap and re-enrollment, TPM-attested enrollment) and
+the benchmarks take a request through the same two steps:
+
+    read_csr(der)            shape only, no crypto: DER, subject rules, the key's hash;
+    vet_csr(request, ...)    the vetting: signature (proof of possession), the group's
+                             key policy, and the CN the credential allows.
+
 Order matters for cost: shape checks first (no crypto), then the signature, then policy.
 Every refusal is a typed error with a stable code; nothing here does I/O.
 """
@@ -22,6 +29,47 @@ from ..errors import BadRequest, PolicyRefused
 
 _BASE64_ALPHABET = set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
 _WHITESPACE = b" \t\r\n"
+
+
+@dataclass(frozen=True)
+class CsrRequest:
+    """A PKCS#10 request whose shape is checked; not yet its signature or key."""
+
+    csr: x509.CertificateSigningRequest
+    common_name: str | None  # the single CN it asks for
+    key_sha256: str  # hex SHA-256 of its SubjectPublicKeyInfo: how a key is recognised
+
+
+@dataclass(frozen=True)
+class VettedCsr(CsrRequest):
+    """A request that passed ``vet_csr``: only these are ever signed."""
+
+    key_type: str = ""
+
+
+def read_csr(der: bytes) -> CsrRequest:
+    """DER PKCS#10 with nothing around it, a subject that can become a topic level, and
+    the key's hash (for identity pins and idempotent retries). No signature check."""
+    csr = parse_csr(der)
+    return CsrRequest(csr, requested_common_name(csr), public_key_sha256(csr.public_key()))
+
+
+def vet_csr(request: CsrRequest | bytes, policy: KeyPolicy, *,
+            device_id: str | None = None) -> VettedCsr:
+    """The one vetting of a certificate request, used by every issuing path.
+
+    RFC 2986 4.2 proof of possession (the signature), the group's key policy
+    (SECURITY-CHECKLIST 6), and, with ``device_id``, a CN that is absent or exactly the
+    device id the credential enrolls (the certificate's subject is CN=<device id>)."""
+    if isinstance(request, bytes):
+        request = read_csr(request)
+    check_signature(request.csr)
+    key_type = check_key(request.csr, policy)
+    if device_id is not None and request.common_name not in (None, device_id):
+        raise PolicyRefused("The CSR's CN must be the device id this credential enrolls.",
+                            code="csr.identity_mismatch",
+                            detail=f"CN {request.common_name!r} vs {device_id!r}")
+    return VettedCsr(request.csr, request.common_name, request.key_sha256, key_type)
 
 
 @dataclass(frozen=True)

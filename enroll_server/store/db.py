@@ -64,12 +64,14 @@ _ADDED_COLUMNS: dict[int, dict[type[pw.Model], tuple[str, ...]]] = {
     3: {EnrollmentGroup: ("ek_crls_pem",),
         Device: ("revoked_at", "revocation_reason", "notice_sequence"),
         Certificate: ("renew_at", "renewal_noticed_at", "issuer")},
-    4: {EnrollmentGroup: ("ek_vendors",)},
+    4: {EnrollmentGroup: ("supersede_grace_seconds",), Certificate: ("revoke_after",)},
+    5: {EnrollmentGroup: ("ek_vendors",)},
 }
 _ADDED_TABLES: dict[int, list[type[pw.Model]]] = {
     2: [EkAllowlistEntry, AttestationChallenge, AttestationEvidence],
     3: [OutboxMessage, PublishedCrl, IssuingCa],
     4: [],
+    5: [],
 }
 
 
@@ -120,7 +122,8 @@ MIGRATIONS: list[tuple[int, Callable[[pw.Database], None]]] = [
     (1, _create_initial_schema),
     (2, _add_schema(2)),  # TPM attestation: EK roots, allowlists, PCR policy, evidence
     (3, _add_schema(3)),  # revocation, notices (outbox), CRLs, renewals, CA generations
-    (4, _add_schema(4)),  # TPM vendors of the built-in trust store a group trusts
+    (4, _add_schema(4)),  # superseded certificates: the group's grace, revoke_after
+    (5, _add_schema(5)),  # TPM vendors of the built-in trust store a group trusts
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

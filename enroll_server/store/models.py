@@ -18,6 +18,11 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
+def naive_utc(value: dt.datetime) -> dt.datetime:
+    """How times are stored: naive UTC."""
+    return value.astimezone(dt.UTC).replace(tzinfo=None) if value.tzinfo else value
+
+
 class BaseModel(pw.Model):
     class Meta:
         database = database_proxy
@@ -49,7 +54,10 @@ class EnrollmentGroup(BaseModel):
     pcr_policy = pw.TextField(default="")
     # Schema 3: the manufacturers' CRLs (PEM), checked against every EK chain.
     ek_crls_pem = pw.TextField(default="")
-    # Schema 4: TPM vendors of the built-in trust store the group trusts, comma separated
+    # Schema 4: how long a certificate replaced by a renewal stays valid before it is
+    # revoked (reason superseded); 0 revokes it in the renewal's own transaction.
+    supersede_grace_seconds = pw.IntegerField(default=3600)
+    # Schema 5: TPM vendors of the built-in trust store the group trusts, comma separated
     # ("infineon,stmicro"; enroll_server.ek_vendors), besides the PEMs of ek_roots_pem.
     ek_vendors = pw.TextField(default="")
 
@@ -97,6 +105,9 @@ class Certificate(BaseModel):
     renewal_noticed_at = pw.DateTimeField(null=True)
     # CA generations (schema 3): the name of the issuing CA that signed it (IssuingCa.name).
     issuer = pw.CharField(max_length=64, default="issuing-ca")
+    # Schema 4: a superseded certificate counts as revoked (superseded) from this time on;
+    # the relay records the revocation (store/revocations.py, revoke_superseded).
+    revoke_after = pw.DateTimeField(null=True, index=True)
 
 
 class EnrollmentToken(BaseModel):

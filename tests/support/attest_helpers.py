@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from device_sdk.tpm import EkKind, TpmDevice
 from simulators.served import ServedInstance
 from tests.support.fixtures import db_count
+from tests.support.inprocess import InProcessInstance
 
 
 def b64(data: bytes) -> str:
@@ -70,8 +71,11 @@ class AttestClient:
     def __init__(self, instance: ServedInstance, tpm: TpmDevice, group: str,
                  ek_kind: EkKind = "ecc") -> None:
         self.instance, self.tpm, self.group, self.ek_kind = instance, tpm, group, ek_kind
-        context = ssl.create_default_context(cafile=str(instance.trust_anchor))
-        self.http = httpx.Client(verify=context, timeout=60)
+        if isinstance(instance, InProcessInstance):  # Flask's test client
+            self.http = instance.http_client()
+        else:
+            context = ssl.create_default_context(cafile=str(instance.trust_anchor))
+            self.http = httpx.Client(verify=context, timeout=60)
         self.base = f"{instance.url}/.well-known/est/{group}/attest/"
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from simulators.served import ServedInstance
 from tests.support.fixtures import db_count
+from tests.support.inprocess import InProcessInstance
 
 PKCS10 = "application/pkcs10"
 
@@ -129,6 +130,9 @@ class FactoryCA:
 # -- HTTP -------------------------------------------------------------------------------
 def http_client(instance: ServedInstance, client_cert: Path | None = None,
                 client_key: Path | None = None) -> httpx.Client:
+    if isinstance(instance, InProcessInstance):  # Flask's test client, cert via the proxy
+        return instance.http_client(x509.load_pem_x509_certificate(client_cert.read_bytes())
+                                    if client_cert is not None else None)
     context = ssl.create_default_context(cafile=str(instance.trust_anchor))
     if client_cert is not None:
         context.load_cert_chain(str(client_cert), str(client_key))
@@ -250,3 +254,17 @@ def assert_refused(instance: ServedInstance, before: StoreSnapshot,
         before.certificates, before.devices, before.pending, before.used_tokens)
     assert before.audit_since(instance) == [(action, outcome, code)]
     assert_serves_cacerts(instance)
+
+
+def ocsp_request_der(issuer: x509.Certificate, serial: int) -> bytes:
+    """An RFC 6960 request for one serial (CertID by SHA-1 of the issuer's name and key)."""
+    from cryptography.x509 import ocsp
+
+    name_hash = hashes.Hash(hashes.SHA1())
+    name_hash.update(issuer.subject.public_bytes())
+    key_hash = hashes.Hash(hashes.SHA1())  # of the subjectPublicKey BIT STRING (EC point)
+    key_hash.update(issuer.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint))
+    return ocsp.OCSPRequestBuilder().add_certificate_by_hash(
+        name_hash.finalize(), key_hash.finalize(), serial, hashes.SHA1()).build().public_bytes(
+        serialization.Encoding.DER)

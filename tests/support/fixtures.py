@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from simulators.served import ServedInstance
+from tests.support.inprocess import InProcessInstance
 from tests.support.services import PrivateMosquitto, PrivatePostgres
 
 _timings: list[str] = []
@@ -66,6 +67,18 @@ def est_instance(enroll_server: ServedInstance) -> ServedInstance:
     instance's configuration or break its HSM start their own ServedInstance.
     """
     return enroll_server
+
+
+@pytest.fixture
+def app(tmp_path) -> Iterator[InProcessInstance]:
+    """A fresh instance served in process (file CA key, SQLite in tmp_path), driven
+    through Flask's test client: app.http_client(), app.token(), app.services,
+    app.clock (advance it to move the services' time)."""
+    instance = InProcessInstance(tmp_path / "instance")
+    try:
+        yield instance
+    finally:
+        instance.close()
 
 
 def db_count(instance: ServedInstance, table: str, where: str = "1=1") -> int:

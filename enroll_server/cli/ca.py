@@ -12,20 +12,11 @@ from pathlib import Path
 
 import click
 
-from .cli_ops import (
-    Context,
-    fail,
-    json_option,
-    main,
-    operator,
-    parse_duration,
-    pass_context,
-    render,
-)
-from .errors import EnrollError
+from ..errors import EnrollError
+from .common import Context, fail, json_option, operator, parse_duration, pass_context, render
 
 
-@main.group(epilog="""\b
+@click.group(epilog="""\b
 Examples:
   enroll-server ca list
   enroll-server ca rotate --spread 6h
@@ -42,7 +33,7 @@ def ca() -> None:
 @pass_context
 def ca_list(ctx: Context, as_json: bool) -> None:
     """Every issuing CA generation, its status and the certificates it still has."""
-    from .rotation import describe
+    from ..rotation import describe
 
     render(describe(ctx.settings(), ctx.repository()), as_json,
            ["name", "status", "live", "not_after", "certificates", "key", "subject"])
@@ -73,7 +64,7 @@ def ca_rotate(ctx: Context, spread: str, root_key: Path | None,
               root_passphrase_file: Path | None, as_json: bool) -> None:
     """Create the next issuing CA, make it active, retire the current one, and queue a
     signed ca_rotation notice (jittered renew_after) for every active device."""
-    from .rotation import iso, rotate
+    from ..rotation import iso, rotate
 
     window = parse_duration(spread)
     try:
@@ -125,9 +116,9 @@ and names stay; only the certificate files change. Then reload every server (SIG
 @pass_context
 def ca_reissue_tls(ctx: Context, broker_dir: Path | None, as_json: bool) -> None:
     """Re-issue the EST server's and the broker's TLS certificates from the active CA."""
-    from .authorities import records
-    from .services import load_authorities
-    from .tls_certificates import reissue_tls_certificates
+    from ..authorities import records
+    from ..services import load_authorities
+    from ..tls_certificates import reissue_tls_certificates
 
     settings, repository = ctx.settings(), ctx.repository()
     authorities = load_authorities(settings, repository)

@@ -1,52 +1,13 @@
-"""`enroll-server`: create, serve and operate an enrollment service instance."""
+"""`enroll-server init` and `enroll-server serve`: create an instance, serve it."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from .config import ConfigError, load_settings
 
-EPILOG = """\b
-Examples:
-  enroll-server init --dir ./instance
-  enroll-server serve --config ./instance/config.toml
-  enroll-server --config ./instance/config.toml token create --group default
-  enroll-server --config ./instance/config.toml devices list --json
-"""
-
-
-class Context:
-    def __init__(self, config: str | None) -> None:
-        self.config = config
-        self._services = None
-
-    def settings(self):
-        if not self.config:
-            raise click.UsageError("no instance given: pass --config FILE or set "
-                                   "ENROLL_CONFIG (created by `enroll-server init`)")
-        return load_settings(self.config)
-
-    def repository(self):
-        from .services import open_store
-
-        if self._services is None:
-            self._services = open_store(self.settings())[1]
-        return self._services
-
-
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", envvar="ENROLL_CONFIG", type=click.Path(dir_okay=False),
-              help="Instance config.toml (or ENROLL_CONFIG).")
-@click.pass_context
-def main(ctx: click.Context, config: str | None) -> None:
-    """TPM-attested enrollment server: EST (RFC 7030) over TLS, CA key in PKCS#11."""
-    ctx.obj = Context(config)
-
-
-@main.command(epilog="""\b
+@click.command(epilog="""\b
 Examples:
   enroll-server init --dir ./instance
   enroll-server init --dir ./instance --ca-key file --hostname est.example.net
@@ -66,7 +27,7 @@ Examples:
 def init(directory: Path, ca_key: str, hostnames: tuple[str, ...], port: int,
          pkcs11_module: Path | None, token_label: str, pin_file: Path | None) -> None:
     """Create a complete instance: CA hierarchy, HSM key, TLS cert, database."""
-    from .instance import InitOptions, InstanceExists, init_instance
+    from ..instance import InitOptions, InstanceExists, init_instance
 
     options = InitOptions(directory=directory, ca_key=ca_key,
                           hostnames=hostnames or ("localhost", "127.0.0.1"), port=port,
@@ -83,7 +44,7 @@ def init(directory: Path, ca_key: str, hostnames: tuple[str, ...], port: int,
     click.echo("Next: enroll-server serve --config " + result["config"])
 
 
-@main.command(epilog="""\b
+@click.command(epilog="""\b
 Examples:
   enroll-server serve --config ./instance/config.toml
   ENROLL_SERVER__WORKERS=4 enroll-server serve --config ./instance/config.toml --port 9443
@@ -96,17 +57,6 @@ Examples:
               help="Also run the notice relay (`enroll-server relay`) beside the server.")
 def serve(config_path: Path, port: int | None, workers: int | None, with_relay: bool) -> None:
     """Serve EST over TLS with a multi-process production server (gunicorn)."""
-    from .server import serve as run_server
+    from ..server import serve as run_server
 
     run_server(config_path, port=port, workers=workers, with_relay=with_relay)
-
-
-def run() -> None:
-    try:
-        main(standalone_mode=True)
-    except ConfigError as exc:
-        click.echo(f"error: bad configuration: {exc}", err=True)
-        sys.exit(2)
-
-
-from . import cli_broker, cli_ca, cli_ops, cli_revoke, cli_tpm, cli_vendors  # noqa: E402,F401,I001

@@ -3,8 +3,8 @@
     POST /.well-known/est[/<label>]/attest/challenge   application/json -> application/json
     POST /.well-known/est[/<label>]/attest/enroll      application/json -> certs-only PKCS#7
 
-Thin: rate limit, content type, size, JSON schema; then AttestationService. Errors are
-application/problem+json with the stable code (app.error_response).
+Thin: rate limit, content type, size, JSON schema; then TpmEnrollment. Errors are
+application/problem+json with the stable code.
 """
 
 from __future__ import annotations
@@ -12,17 +12,25 @@ from __future__ import annotations
 import base64
 import json
 
-from flask import Blueprint, Response, request
+from flask import Response, g, request
 
-from .. import est_wire
 from ..attestation import to_tools_credential
-from ..attested import AttestedRequest, ChallengeRequest
-from ..enrollment import RequestContext
-from ..errors import BadRequest, EnrollError, UnsupportedMediaType
-from . import schemas
-from .est import check_rate, checked_label, read_body, services
+from ..credentials import RequestContext
+from ..errors import ErrorFormat
+from ..tpm_enrollment import AttestedRequest, ChallengeRequest
+from . import est_wire, schemas
+from .common import (
+    audited,
+    check_rate,
+    checked_label,
+    make_blueprint,
+    read_json,
+    require_content_type,
+    services,
+)
 
-blueprint = Blueprint("attest", __name__, url_prefix="/.well-known/est")
+blueprint = make_blueprint("est_attest", ErrorFormat.PROBLEM_JSON,
+                           url_prefix="/.well-known/est")
 _CHALLENGE = schemas.ChallengeRequestSchema()
 _ENROLL = schemas.AttestedEnrollSchema()
 
@@ -33,6 +41,7 @@ def _b64(data: bytes) -> str:
 
 @blueprint.post("/attest/challenge")
 @blueprint.post("/<label>/attest/challenge")
+@audited("attest.challenge")
 def challenge(label: str | None = None) -> Response:
     context, fields = _json_request(label, _CHALLENGE, "attest.challenge")
     answer = services().attestation.challenge(context, ChallengeRequest(**fields))
@@ -53,6 +62,7 @@ def challenge(label: str | None = None) -> Response:
 
 @blueprint.post("/attest/enroll")
 @blueprint.post("/<label>/attest/enroll")
+@audited("attest.enroll")
 def enroll(label: str | None = None) -> Response:
     context, fields = _json_request(label, _ENROLL, "attest.enroll")
     certificate = services().attestation.enroll(context, AttestedRequest(**fields))
@@ -61,21 +71,11 @@ def enroll(label: str | None = None) -> Response:
 
 def _json_request(label: str | None, schema: schemas.Schema,
                   action: str) -> tuple[RequestContext, dict]:
-    """Rate, type, size, JSON shape; refusals here are audited like any other."""
-    try:
-        check_rate()
-        if (request.mimetype or "").lower() != "application/json":
-            raise UnsupportedMediaType(f"{action} expects Content-Type application/json.")
-        body = read_body(services().settings.server.max_body_bytes)
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise BadRequest("The body is not valid JSON.", code="request.invalid_json") from None
-        fields = schemas.load(schema, document)
-        return RequestContext(remote_addr=request.remote_addr,
-                              group_label=checked_label(label)), fields
-    except EnrollError as error:
-        services().repository.audit(
-            actor="anonymous", action=action, outcome="refused", code=error.code,
-            group=label, remote_addr=request.remote_addr, detail=error.detail)
-        raise
+    """Rate, type, size, JSON shape."""
+    check_rate()
+    require_content_type("application/json", f"{action} expects Content-Type "
+                         "application/json.")
+    fields = schemas.load(schema, read_json())
+    g.context = RequestContext(remote_addr=request.remote_addr,
+                               group_label=checked_label(label))
+    return g.context, fields

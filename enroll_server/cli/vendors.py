@@ -1,4 +1,5 @@
-"""Operator commands for the built-in TPM vendor trust store.
+"""Operator commands for the built-in TPM vendor trust store (cli/__init__.py adds
+`ek-vendors` to the root and `set-ek-vendors` to the `group` command group).
 
     enroll-server ek-vendors list [--vendor NAME] [--json]
     enroll-server group set-ek-vendors GROUP VENDORS | --clear
@@ -12,10 +13,10 @@ from pathlib import Path
 
 import click
 
-from . import ek_vendors
-from .attestation.ek_cert import CertificateProblem, load_pem_certificates
-from .cli import main
-from .cli_ops import Context, group, group_or_fail, json_option, operator, pass_context, render
+from .. import ek_vendors
+from ..attestation.ek_cert import CertificateProblem, load_pem_certificates
+from ..errors import EnrollError
+from .common import Context, fail, group_or_fail, json_option, operator, pass_context, render
 
 
 def vendor_list(text: str) -> list[str]:
@@ -61,7 +62,7 @@ def _rows(vendor: str | None, now: dt.datetime) -> list[dict[str, object]]:
     return rows
 
 
-@main.group("ek-vendors", epilog="""\b
+@click.group("ek-vendors", epilog="""\b
 Examples:
   enroll-server ek-vendors list
   enroll-server ek-vendors list --vendor nuvoton --json
@@ -90,7 +91,7 @@ def ek_vendors_list(vendor: str | None, as_json: bool) -> None:
                "Trust them with `group create NAME --auth tpm --ek-vendors VENDOR,...`.")
 
 
-@group.command("set-ek-vendors", epilog="""\b
+@click.command("set-ek-vendors", epilog="""\b
 Examples:
   enroll-server group set-ek-vendors fleet infineon,stmicro,nuvoton
   enroll-server group set-ek-vendors fleet --clear
@@ -106,9 +107,10 @@ def group_set_ek_vendors(ctx: Context, group_name: str, vendors: str, clear: boo
     names = [] if clear else vendor_list(vendors)
     repository = ctx.repository()
     group_row = group_or_fail(repository, group_name)
-    model = type(group_row)
-    with repository.transaction():
-        model.update(ek_vendors=",".join(names)).where(model.id == group_row.id).execute()
+    try:
+        repository.change_group(group_name, ek_vendors=",".join(names))
+    except EnrollError as error:
+        fail(error)
     repository.audit(actor=operator(), action="group.set_ek_vendors", outcome="success",
                      group=group_name, detail={"vendors": names,
                                                "before": group_row.ek_vendors})

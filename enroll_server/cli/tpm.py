@@ -1,4 +1,5 @@
-"""Operator commands for TPM attestation: EK allowlists, golden PCRs, evidence, AK pins.
+"""Operator commands for TPM attestation: EK allowlists, golden PCRs, evidence, AK pins
+(cli/__init__.py adds them to the `group` and `devices` command groups).
 
     enroll-server group allow-ek GROUP (--ek-cert F | --ek-public F | --ek-sha256 HEX
                                         | --from CSV-or-directory)
@@ -10,134 +11,19 @@
 from __future__ import annotations
 
 import base64
-import binascii
-import csv
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import click
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from . import attestation as att
-from .cli_ops import (
-    Context,
-    _cell,
-    devices,
-    group,
-    group_or_fail,
-    json_option,
-    operator,
-    pass_context,
-)
-from .errors import EnrollError
-from .store.models import AttestationEvidence, Certificate, Device, EkAllowlistEntry
-
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+from .. import attestation as att
+from .common import Context, cell, group_or_fail, json_option, operator, pass_context
+from .ek_files import ek_identity, read_allowlist
 
 
-def _ek_identity(ek_cert: Path | None, ek_public: Path | None, ek_sha256: str | None) -> str:
-    given = [v for v in (ek_cert, ek_public, ek_sha256) if v is not None]
-    if len(given) != 1:
-        raise click.UsageError("give exactly one of --ek-cert, --ek-public, --ek-sha256")
-    try:
-        if ek_cert is not None:
-            return _certificate_identity(ek_cert.read_bytes())
-        if ek_public is not None:
-            return att.ek_identity(ek_public.read_bytes())
-    except (ValueError, EnrollError) as error:
-        raise click.BadParameter(f"not an EK certificate / TPM2B_PUBLIC: {error}") from None
-    identity = (ek_sha256 or "").strip().lower()
-    if not _HEX64.fullmatch(identity):
-        raise click.BadParameter("64 hex digits (SHA-256 of the EK SubjectPublicKeyInfo)",
-                                 param_hint="--ek-sha256")
-    return identity
-
-
-def _certificate_identity(data: bytes) -> str:
-    certificate = (att.load_pem_certificates(data)[0] if data.lstrip().startswith(b"-----")
-                   else att.load_ek_certificate(data))
-    return att.key_identity(certificate.public_key())
-
-
-def _public_key_identity(data: bytes) -> str:
-    """A PEM/DER SubjectPublicKeyInfo (`tpm2_createek -f pem`) or a TPM2B_PUBLIC (`-u`)."""
-    if b"-----BEGIN PUBLIC KEY-----" in data:
-        key = serialization.load_pem_public_key(data)
-    elif data[:1] == b"\x30":
-        key = serialization.load_der_public_key(data)
-    else:
-        return att.ek_identity(data)
-    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-        raise ValueError(f"{type(key).__name__} is not a TPM EK type")
-    return att.key_identity(key)
-
-
-def _file_identity(path: Path) -> str:
-    """One file of a directory of `tpm2_createek` / `tpm2_getekcertificate` outputs."""
-    data = path.read_bytes()
-    if b"CERTIFICATE-----" in data or path.suffix.lower() in (".crt", ".cer", ".der"):
-        return _certificate_identity(data)
-    return _public_key_identity(data)
-
-
-_CSV_COLUMNS = ("ek_sha256", "ek_public", "ek_certificate")
-
-
-def _csv_identity(row: dict[str, str]) -> str:
-    given = {name: (row.get(name) or "").strip() for name in _CSV_COLUMNS}
-    given = {name: value for name, value in given.items() if value}
-    if len(given) != 1:
-        raise ValueError(f"exactly one of {', '.join(_CSV_COLUMNS)} per row")
-    (name, value), = given.items()
-    if name == "ek_sha256":
-        if not _HEX64.fullmatch(value.lower()):
-            raise ValueError("ek_sha256 must be 64 hex digits")
-        return value.lower()
-    try:
-        data = base64.b64decode(value, validate=True)
-    except binascii.Error:
-        raise ValueError(f"{name} is not base64") from None
-    return _certificate_identity(data) if name == "ek_certificate" else _public_key_identity(data)
-
-
-def read_allowlist(source: Path) -> list[tuple[str, str]]:
-    """(EK identity, note) for every entry of a CSV or a directory; all or nothing.
-
-    CSV: a header row with one of ek_sha256 / ek_public (base64 TPM2B_PUBLIC or DER SPKI)
-    / ek_certificate (base64 DER) per row, and optionally note. Directory: every regular
-    file is a `tpm2_createek -u` TPM2B_PUBLIC, a `-f pem` public key or an EK certificate;
-    its name becomes the note.
-    """
-    entries, problems = [], []
-    if source.is_dir():
-        for path in sorted(p for p in source.iterdir() if p.is_file()):
-            try:
-                entries.append((_file_identity(path), path.name))
-            except (ValueError, EnrollError) as error:
-                problems.append(f"{path.name}: {error}")
-    else:
-        with source.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            if not reader.fieldnames or not set(reader.fieldnames) & set(_CSV_COLUMNS):
-                raise click.BadParameter(f"a CSV header naming one of {', '.join(_CSV_COLUMNS)}"
-                                         " (and optionally note)", param_hint="--from")
-            for number, row in enumerate(reader, start=2):
-                try:
-                    entries.append((_csv_identity(row), (row.get("note") or "").strip()))
-                except (ValueError, EnrollError) as error:
-                    problems.append(f"line {number}: {error}")
-    if problems:
-        raise click.BadParameter("nothing imported; fix these entries first:\n  "
-                                 + "\n  ".join(problems[:20]), param_hint="--from")
-    if not entries:
-        raise click.BadParameter("no EK in it", param_hint="--from")
-    return entries
-
-
-@group.command("allow-ek", epilog="""\b
+@click.command("allow-ek", epilog="""\b
 Examples:
   enroll-server group allow-ek fleet --ek-cert ek.der --note "rack 4, unit 12"
   tpm2_createek -c ek.ctx -G ecc -u ek.pub && enroll-server group allow-ek fleet --ek-public ek.pub
@@ -165,18 +51,10 @@ def group_allow_ek(ctx: Context, group_name: str, ek_cert: Path | None,
             raise click.UsageError("--from replaces --ek-cert/--ek-public/--ek-sha256")
         _allow_many(ctx, group_name, read_allowlist(source), note, remove)
         return
-    identity = _ek_identity(ek_cert, ek_public, ek_sha256)
+    identity = ek_identity(ek_cert, ek_public, ek_sha256)
     repository = ctx.repository()
     group_row = group_or_fail(repository, group_name)
-    with repository.transaction():
-        if remove:
-            changed = EkAllowlistEntry.delete().where(
-                (EkAllowlistEntry.group == group_row)
-                & (EkAllowlistEntry.ek_sha256 == identity)).execute()
-        else:
-            changed = (EkAllowlistEntry.insert(group=group_row, ek_sha256=identity,
-                                               note=note[:256])
-                       .on_conflict_ignore().execute()) and 1
+    changed = repository.allowlist_ek(group_row.id, identity, note, remove)
     repository.audit(actor=operator(), action="group.allow_ek", outcome="success",
                      group=group_name, device_id=identity,
                      detail={"remove": remove, "changed": bool(changed)})
@@ -193,17 +71,9 @@ def _allow_many(ctx: Context, group_name: str, entries: list[tuple[str, str]], n
                 remove: bool) -> None:
     repository = ctx.repository()
     group_row = group_or_fail(repository, group_name)
-    changed = 0
-    with repository.transaction():  # all entries or none
-        for identity, entry_note in entries:
-            where = ((EkAllowlistEntry.group == group_row)
-                     & (EkAllowlistEntry.ek_sha256 == identity))
-            if remove:
-                changed += EkAllowlistEntry.delete().where(where).execute()
-            else:
-                changed += bool(EkAllowlistEntry.insert(
-                    group=group_row, ek_sha256=identity,
-                    note=(entry_note or note)[:256]).on_conflict_ignore().execute())
+    changed = repository.allowlist_eks(  # all entries or none
+        group_row.id, [(identity, entry_note or note) for identity, entry_note in entries],
+        remove)
     repository.audit(actor=operator(), action="group.allow_ek", outcome="success",
                      group=group_name, detail={"remove": remove, "entries": len(entries),
                                                "changed": changed})
@@ -228,7 +98,7 @@ def _parse_selection(text: str) -> dict[str, list[int]]:
     return selection
 
 
-@group.command("set-pcrs", epilog="""\b
+@click.command("set-pcrs", epilog="""\b
 Examples (record golden values from a reference device running good firmware):
   tpm2_pcrread sha256:0,1,2,3,7 -o /dev/null > reference.yaml
   enroll-server group set-pcrs fleet --pcrread reference.yaml
@@ -257,10 +127,8 @@ def group_set_pcrs(ctx: Context, group_name: str, pcrread: Path | None, pcrs: st
             raise click.BadParameter(str(error), param_hint="--pcrread/--pcrs") from None
         document = json.dumps(att.pcr_policy_to_json(policy), sort_keys=True)
     repository = ctx.repository()
-    group_row = group_or_fail(repository, group_name)
-    with repository.transaction():
-        type(group_row).update(pcr_policy=document).where(
-            type(group_row).id == group_row.id).execute()
+    group_or_fail(repository, group_name)
+    repository.change_group(group_name, pcr_policy=document)
     repository.audit(actor=operator(), action="group.set_pcrs", outcome="success",
                      group=group_name, detail=document or "cleared")
     if clear:
@@ -272,7 +140,7 @@ def group_set_pcrs(ctx: Context, group_name: str, pcrread: Path | None, pcrs: st
                    "values.")
 
 
-@group.command("set-ek-crls", epilog="""\b
+@click.command("set-ek-crls", epilog="""\b
 Examples (CRLs your TPM manufacturers publish; refresh them as they do):
   curl -o vendor-ek-ca.crl http://pki.example-tpm-vendor.com/ek-ca-001.crl
   enroll-server group set-ek-crls fleet --crl vendor-ek-ca.crl --crl vendor-root.crl
@@ -297,9 +165,8 @@ def group_set_ek_crls(ctx: Context, group_name: str, crls: tuple[Path, ...],
             raise click.BadParameter(f"{path}: not a CRL ({error})", param_hint="--crl") from None
     pem = "".join(crl.public_bytes(serialization.Encoding.PEM).decode() for crl in loaded)
     repository = ctx.repository()
-    group_row = group_or_fail(repository, group_name)
-    with repository.transaction():
-        type(group_row).update(ek_crls_pem=pem).where(type(group_row).id == group_row.id).execute()
+    group_or_fail(repository, group_name)
+    repository.change_group(group_name, ek_crls_pem=pem)
     revoked = sum(len(list(crl)) for crl in loaded)
     repository.audit(actor=operator(), action="group.set_ek_crls", outcome="success",
                      group=group_name, detail={"crls": len(loaded), "revoked": revoked})
@@ -307,15 +174,12 @@ def group_set_ek_crls(ctx: Context, group_name: str, crls: tuple[Path, ...],
                "certificate(s)." if loaded else f"Group {group_name!r} has no EK CRLs now.")
 
 
-def evidence_records(device_id: str) -> list[dict[str, Any]]:
+def evidence_records(repository, device_id: str) -> list[dict[str, Any]]:  # noqa: ANN001
     """What justified each attested certificate of a device (newest first)."""
-    rows = (AttestationEvidence.select(AttestationEvidence, Certificate)
-            .join(Certificate).join(Device).where(Device.device_id == device_id)
-            .order_by(AttestationEvidence.id.desc()))
-    return [_describe(row) for row in rows]
+    return [_describe(row) for row in repository.evidence(device_id)]
 
 
-def _describe(row: AttestationEvidence) -> dict[str, Any]:
+def _describe(row) -> dict[str, Any]:  # noqa: ANN001 - an attestation_evidence row
     certify = att.parse_attest(bytes(row.certify_info))
     record: dict[str, Any] = {
         "serial": format(int(row.certificate.serial), "x"), "at": row.created_at,
@@ -349,7 +213,7 @@ def print_evidence(records: list[dict[str, Any]]) -> None:
     if not records:
         click.echo("(no attestation evidence: not enrolled with a TPM)")
     for record in records:
-        click.echo(f"certificate {record['serial']}  ({_cell(record['at'])})")
+        click.echo(f"certificate {record['serial']}  ({cell(record['at'])})")
         ek = record["ek_certificate"]
         ek_text = f"{ek['issuer']}, serial {ek['serial']}" if ek else "- (allowlisted EK)"
         click.echo(f"  EK certificate   {ek_text}")
@@ -362,7 +226,7 @@ def print_evidence(records: list[dict[str, Any]]) -> None:
                        f"resetCount {quote['reset_count']}")
 
 
-@devices.command("evidence",
+@click.command("evidence",
                  epilog="\b\nExample:\n  enroll-server devices evidence 3f1c...e9 --json")
 @click.argument("device_id")
 @json_option
@@ -370,22 +234,20 @@ def print_evidence(records: list[dict[str, Any]]) -> None:
 def devices_evidence(ctx: Context, device_id: str, as_json: bool) -> None:
     """The TPM evidence behind each certificate of a device (--json: raw structures)."""
     repository = ctx.repository()
-    records = repository.run(lambda: evidence_records(device_id))
+    records = evidence_records(repository, device_id)
     if as_json:
         click.echo(json.dumps(records, indent=2, default=str))
     else:
         print_evidence(records)
 
 
-@devices.command("unpin-ak", epilog="\b\nExample:\n  enroll-server devices unpin-ak 3f1c...e9")
+@click.command("unpin-ak", epilog="\b\nExample:\n  enroll-server devices unpin-ak 3f1c...e9")
 @click.argument("device_id")
 @pass_context
 def devices_unpin_ak(ctx: Context, device_id: str) -> None:
     """Re-admit a TPM whose attestation key changed (e.g. after TPM2_Clear)."""
     repository = ctx.repository()
-    with repository.transaction():
-        changed = Device.update(ak_name="").where(Device.device_id == device_id).execute()
-    if not changed:
+    if not repository.unpin_ak(device_id):
         raise click.ClickException(f"no device {device_id!r}; see `enroll-server devices list`")
     repository.audit(actor=operator(), action="device.unpin_ak", outcome="success",
                      device_id=device_id)

@@ -11,12 +11,12 @@ import json
 
 import click
 
-from .cli_ops import Context, fail, json_option, main, operator, pass_context
-from .errors import EnrollError
-from .revocation import REASONS
+from ..errors import EnrollError
+from ..revocation import REASONS
+from .common import Context, fail, json_option, operator, pass_context
 
 
-@main.command(epilog="""\b
+@click.command(epilog="""\b
 Examples:
   enroll-server revoke --device 3f1c...e9 --reason keyCompromise
   enroll-server revoke --serial 4A1F...C3 --reason superseded
@@ -34,7 +34,7 @@ CRL follow at once, and a signed notice to the device goes out through the relay
 def revoke(ctx: Context, device_id: str | None, serial: str | None, group_name: str | None,
            reason: str, as_json: bool) -> None:
     """Revoke a device, a certificate or a whole group (RFC 5280 reason)."""
-    from .services import build_revocation
+    from ..services import build_revocation
 
     if sum(v is not None for v in (device_id, serial, group_name)) != 1:
         raise click.UsageError("give exactly one of --device, --serial, --group")
@@ -65,12 +65,12 @@ def revoke(ctx: Context, device_id: str | None, serial: str | None, group_name: 
         click.echo(f"CRL published ({published}); notices queued for the relay.")
 
 
-@main.command(epilog="\b\nExample:\n  enroll-server readmit 3f1c...e9")
+@click.command(epilog="\b\nExample:\n  enroll-server readmit 3f1c...e9")
 @click.argument("device_id")
 @pass_context
 def readmit(ctx: Context, device_id: str) -> None:
     """Let a revoked device enroll again (its old certificates stay revoked)."""
-    from .services import build_revocation
+    from ..services import build_revocation
 
     service = build_revocation(ctx.settings(), ctx.repository())
     try:
@@ -80,7 +80,7 @@ def readmit(ctx: Context, device_id: str) -> None:
     click.echo(f"Device {device_id} may enroll again; its revoked certificates stay revoked.")
 
 
-@main.group()
+@click.group()
 def crl() -> None:
     """The certificate revocation lists of the issuing CAs (one per CA generation)."""
 
@@ -89,7 +89,7 @@ def crl() -> None:
 @pass_context
 def crl_publish(ctx: Context) -> None:
     """Build and publish a new CRL of every live issuing CA now."""
-    from .services import build_revocation
+    from ..services import build_revocation
 
     service = build_revocation(ctx.settings(), ctx.repository())
     numbers = service.republish_crls()
@@ -108,11 +108,9 @@ def crl_publish(ctx: Context) -> None:
 @pass_context
 def crl_show(ctx: Context, ca_name: str | None, as_json: bool) -> None:
     """The newest published CRL of an issuing CA."""
-    from .revocation import latest_crl
-
     repository = ctx.repository()
     name = ca_name or repository.read(repository.active_ca_name) or "issuing-ca"
-    latest = repository.read(lambda: latest_crl(name))
+    latest = repository.latest_crl(name)
     if latest is None:
         raise click.ClickException(f"no CRL of {name} published yet: enroll-server crl "
                                    "publish")

@@ -21,13 +21,13 @@ from pathlib import Path
 import click
 import tomli_w
 
-from .cli_ops import Context, json_option, main, pass_context
-from .notify.broker import DEFAULT_BROKER_USER
+from ..notify.broker import DEFAULT_BROKER_USER
+from .common import Context, json_option, pass_context
 
 LOOPBACK_OR_ANY = ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::")  # noqa: S104
 
 
-@main.command("broker-config", epilog="""\b
+@click.command("broker-config", epilog="""\b
 Examples:
   enroll-server broker-config --dir /etc/mosquitto/enroll
   mosquitto -c /etc/mosquitto/enroll/mosquitto.conf
@@ -68,17 +68,16 @@ def broker_config(ctx: Context, directory: Path, port: int, bind: str, service_p
                   gateways: tuple[str, ...], relays: tuple[str, ...], user: str,
                   as_json: bool) -> None:
     """Write a Mosquitto configuration that enforces device identities and revocation."""
-    from .notify.broker import Listener, broker_account, write_broker_config
-    from .notify.identities import DEFAULT_RELAY, existing_relays
-    from .revocation import latest_crl
-    from .services import load_authorities
+    from ..notify.broker import Listener, broker_account, write_broker_config
+    from ..notify.identities import DEFAULT_RELAY, existing_relays
+    from ..services import load_authorities
 
     settings = ctx.settings()
     repository = ctx.repository()
     authorities = load_authorities(settings, repository)
     crls = []
     for signer in authorities.live():  # Mosquitto needs the CRL of every CA it trusts
-        latest = repository.read(lambda name=signer.name: latest_crl(name))
+        latest = repository.latest_crl(signer.name)
         if latest is None:
             raise click.ClickException(f"no CRL of {signer.name} published yet: run "
                                        "`enroll-server crl publish`")
@@ -147,7 +146,7 @@ def broker_config(ctx: Context, directory: Path, port: int, bind: str, service_p
                    f"(identities kept under {relays_dir})")
 
 
-@main.command(epilog="""\b
+@click.command(epilog="""\b
 Examples:
   enroll-server --config ./instance/config.toml relay
   enroll-server relay --identity b
@@ -160,12 +159,12 @@ two relays sharing one identity would end each other's sessions.""")
 @pass_context
 def relay(ctx: Context, batch: int, identity: str | None) -> None:
     """Publish queued notices to the broker; renewals, CRLs of every CA, broker CRL."""
-    from .notify.broker import BrokerCrlSync
-    from .notify.duties import Duties
-    from .notify.identities import IdentityError, certificate_cn, identity_at
-    from .notify.kicker import Kicker
-    from .notify.outbox import MqttPublisher, OutboxRelay
-    from .services import load_authorities, notice_issuer
+    from ..notify.broker import BrokerCrlSync
+    from ..notify.duties import Duties
+    from ..notify.identities import IdentityError, certificate_cn, identity_at
+    from ..notify.kicker import Kicker
+    from ..notify.outbox import MqttPublisher, OutboxRelay
+    from ..services import load_authorities, notice_issuer
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s relay %(levelname)s %(message)s")
