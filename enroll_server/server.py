@@ -1,4 +1,5 @@
-"""The production server: gunicorn, multi-process, threaded workers, TLS 1.2+.
+"""The production server: gunicorn, multi-process, TLS 1.2+, with our own worker class
+(worker.py: an event loop owns the sockets, threads run the application).
 
 Each worker builds its own application (no preload), so every worker process has its
 own PKCS#11 session and database connection (SoftHSM is not fork- or thread-safe:
@@ -22,6 +23,7 @@ from pathlib import Path
 from gunicorn.app.base import BaseApplication
 
 from .config import Settings, load_settings
+from .worker import ConnectionLimits
 
 X509_V_FLAG_NO_CHECK_TIME = 0x200000  # OpenSSL x509_vfy.h
 log = logging.getLogger(__name__)
@@ -84,8 +86,10 @@ class EnrollServer(BaseApplication):
         self.cfg.set("bind", [f"{server.bind}:{server.port}"])
         self.cfg.set("workers", server.workers)
         self.cfg.set("threads", server.threads)
-        self.cfg.set("worker_class", "gthread")
-        self.cfg.set("keepalive", 30)
+        self.cfg.set("worker_class", "enroll_server.worker.EventLoopWorker")
+        self.cfg.set("keepalive", max(1, round(server.keepalive_seconds))
+                     if server.keepalive_seconds else 0)
+        self.connection_limits = connection_limits(settings)
         self.cfg.set("timeout", 60)
         self.cfg.set("graceful_timeout", 10)
         self.cfg.set("certfile", str(settings.tls.cert))
@@ -125,6 +129,15 @@ class EnrollServer(BaseApplication):
                             format="%(asctime)s %(process)d %(levelname)s %(name)s "
                                    "%(message)s")
         return create_app(load_settings(self.config_path))
+
+
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    server = settings.server
+    return ConnectionLimits(
+        read_timeout=server.read_timeout_seconds, write_timeout=server.write_timeout_seconds,
+        keepalive=server.keepalive_seconds,
+        max_connections=server.max_connections_per_worker,
+        max_body=server.max_body_bytes)
 
 
 def serve(config_path: Path, port: int | None = None, workers: int | None = None,
