@@ -79,7 +79,10 @@ def init(directory: Path, ca_key: str, hostnames: tuple[str, ...], port: int,
     click.echo(f"Instance created in {result['directory']}")
     click.echo(f"  config:        {result['config']}")
     click.echo(f"  trust anchor:  {result['trust_anchor']}  (give this to devices)")
-    click.echo(f"  operator key:  {result['operator_credential_file']}")
+    click.echo(f"  operator credential (shown once; only its hash is kept): "
+               f"{result['operator_credential']}")
+    click.echo("    for the operator API (Authorization: Bearer ...); store it now, or get "
+               "a new one with `enroll-server operator rotate`")
     click.echo("Next: enroll-server serve --config " + result["config"])
 
 
@@ -109,4 +112,4 @@ def run() -> None:
         sys.exit(2)
 
 
-from . import cli_broker, cli_ca, cli_ops, cli_revoke, cli_tpm  # noqa: E402,F401,I001
+from . import cli_broker, cli_ca, cli_operator, cli_ops, cli_revoke, cli_tpm  # noqa: E402,F401,I001

@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
@@ -147,6 +149,8 @@ def serve(config_path: Path, port: int | None = None, workers: int | None = None
     if workers is not None:
         os.environ["ENROLL_SERVER__WORKERS"] = str(workers)
     settings = load_settings(config_path)
+    os.umask(0o077)  # every file the server and its workers create: the service user's
+    _check_secrets_at_rest(settings)
     relay = _start_relay(config_path) if with_relay else None
     try:
         EnrollServer(config_path, settings).run()
@@ -156,11 +160,38 @@ def serve(config_path: Path, port: int | None = None, workers: int | None = None
             relay.wait(15)
 
 
-def _start_relay(config_path: Path):
-    """`enroll-server relay` beside the server, as its own process (its own PKCS#11 login,
-    its own MQTT connection); stopped when the server stops."""
-    import subprocess
-    import sys
+def _check_secrets_at_rest(settings: Settings) -> None:
+    from .secrets_at_rest import findings, tighten_instance_files
 
-    return subprocess.Popen([sys.executable, "-c", "from enroll_server.cli import run; run()",
-                             "--config", str(config_path), "relay"])
+    for change in tighten_instance_files(settings):
+        print(f"enroll-server: tightened {change}", file=sys.stderr)
+    for finding in findings(settings):
+        print(f"enroll-server: warning: {finding}", file=sys.stderr)
+
+
+def relay_main() -> None:
+    """The relay child's entry point: it dies with the server, then runs `enroll-server
+    relay`. PR_SET_PDEATHSIG (prctl(2)) has the kernel send it SIGTERM (a graceful stop)
+    when the server process dies, even by SIGKILL; if the server died before that call,
+    the parent is no longer the server and the relay stops at once."""
+    import ctypes
+    import signal
+
+    server_pid = int(sys.argv.pop(1))
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != server_pid:
+        sys.exit(0)
+    from .cli import run
+
+    run()
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _start_relay(config_path: Path) -> subprocess.Popen:
+    """`enroll-server relay` beside the server, as its own process (its own PKCS#11 login,
+    its own MQTT connection); stopped when the server stops, or dies."""
+    return subprocess.Popen([sys.executable, "-c",
+                             "from enroll_server.server import relay_main; relay_main()",
+                             str(os.getpid()), "--config", str(config_path), "relay"])

@@ -243,7 +243,7 @@ def _forge(rig: Rig, targets: list[DeviceResult]) -> int:
 
 def _revoke(rig: Rig, gateway: Gateway, victims: list[DeviceResult],
             progress: Progress) -> list[float]:
-    credential = (rig.instance.dir / "secrets/operator.token").read_text().strip()
+    credential = rig.instance.operator_credential
     context = ssl.create_default_context(cafile=str(rig.instance.trust_anchor))
     started: dict[str, float] = {}
     with httpx.Client(verify=context, timeout=60) as client:

@@ -21,8 +21,8 @@ from marshmallow import RAISE, Schema, fields, validate
 from ..errors import NotFound, Unauthorized
 from ..revocation import REASONS
 from ..store.models import Certificate
-from . import schemas
-from .est import check_rate, read_body, services
+from .body import read_json
+from .est import check_rate, services
 
 blueprint = Blueprint("admin", __name__, url_prefix="/api/v1")
 
@@ -66,11 +66,7 @@ def _json(body: object, status: int = 200) -> Response:
 @blueprint.post("/revocations")
 def revoke() -> Response:
     actor = _operator()
-    try:
-        document = json.loads(read_body(services().settings.server.max_body_bytes) or b"null")
-    except ValueError:
-        document = None
-    fields_ = schemas.load(_REVOCATION, document)
+    fields_ = read_json(_REVOCATION, services().settings.server.max_body_bytes)
     result = services().revocation.revoke(
         actor=actor, reason=fields_["reason"], device_id=fields_.get("device_id"),
         serial=fields_.get("serial"), group=fields_.get("group"))

@@ -18,9 +18,10 @@ from .. import est_wire
 from ..attestation import to_tools_credential
 from ..attested import AttestedRequest, ChallengeRequest
 from ..enrollment import RequestContext
-from ..errors import BadRequest, EnrollError, UnsupportedMediaType
+from ..errors import EnrollError
 from . import schemas
-from .est import check_rate, checked_label, read_body, services
+from .body import read_json
+from .est import check_rate, checked_label, services
 
 blueprint = Blueprint("attest", __name__, url_prefix="/.well-known/est")
 _CHALLENGE = schemas.ChallengeRequestSchema()
@@ -64,14 +65,7 @@ def _json_request(label: str | None, schema: schemas.Schema,
     """Rate, type, size, JSON shape; refusals here are audited like any other."""
     try:
         check_rate()
-        if (request.mimetype or "").lower() != "application/json":
-            raise UnsupportedMediaType(f"{action} expects Content-Type application/json.")
-        body = read_body(services().settings.server.max_body_bytes)
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise BadRequest("The body is not valid JSON.", code="request.invalid_json") from None
-        fields = schemas.load(schema, document)
+        fields = read_json(schema, services().settings.server.max_body_bytes)
         return RequestContext(remote_addr=request.remote_addr,
                               group_label=checked_label(label)), fields
     except EnrollError as error:

@@ -10,18 +10,17 @@ Routes, each with the credential it needs:
 from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, request
-from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import est_wire
 from ..enrollment import RequestContext, key_policy
 from ..errors import (
     BadRequest,
     EnrollError,
-    PayloadTooLarge,
     RateLimited,
     UnsupportedMediaType,
 )
 from ..identity import group_for_label
+from .body import read_body
 from .tls import client_certificate
 
 blueprint = Blueprint("est", __name__, url_prefix="/.well-known/est")
@@ -83,20 +82,6 @@ def _enroll_request(label: str | None, action: str) -> tuple[RequestContext, byt
             group=label if label and len(label) <= 64 else None,
             remote_addr=request.remote_addr, detail=error.detail)
         raise
-
-
-def read_body(limit: int) -> bytes:
-    """At most limit bytes, else PayloadTooLarge. A chunked body has no Content-Length
-    and werkzeug silently cuts its stream at MAX_CONTENT_LENGTH, so probe past it."""
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"The CSR body may be at most {limit} bytes.")
-    try:
-        body = request.stream.read(limit)
-        if len(body) == limit and request.stream.read(1):
-            raise RequestEntityTooLarge()
-    except RequestEntityTooLarge:
-        raise PayloadTooLarge(f"The CSR body may be at most {limit} bytes.") from None
-    return body
 
 
 def check_rate() -> None:

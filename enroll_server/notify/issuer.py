@@ -6,17 +6,31 @@ the same transaction, so it is strictly increasing per device across replicas), 
 with the notice-signing key, and becomes one outbox row for the device's topic (retained:
 a device that connects later gets the latest) plus, for revocations, one for the group's
 fleet-wide revocation topic (gateways; not retained, every revocation matters).
+
+The notice signer lives in the HSM token when the CA key does (ca/delegated.py). A token
+outage must not block a revocation, so a notice that cannot be signed now is written
+unsigned and held back (its rows are never due: nothing behind them on the same topic is
+published either, so order is kept); the relay's duties sign it once the token answers
+(``sign_deferred``). Devices only ever receive signed notices.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import logging
 from collections.abc import Mapping
 
 from ..ca.delegated import Delegate
 from ..config import NoticeSettings
+from ..errors import SignerUnavailable
 from ..store.models import Device, OutboxMessage
+from ..store.repository import Repository, naive_utc
 from .notices import Notice, fleet_revocation_topic, sign_notice, topic_for
+
+log = logging.getLogger(__name__)
+DEFERRED = "unsigned-notice:"  # payload prefix of a notice waiting for its signature
+HELD_BACK = dt.datetime(9999, 1, 1)  # available_at of a deferred row: never due
 
 
 class NoticeIssuer:
@@ -39,7 +53,13 @@ class NoticeIssuer:
                         sequence=int(sequence), issued_at=now,
                         expires_at=now + dt.timedelta(days=self.settings.ttl_days),
                         group=group, reason=reason, extra=dict(extra or {}))
-        token = sign_notice(notice, self.signer.key, self.signer.chain)
+        try:
+            token = sign_notice(notice, self.signer.key, self.signer.chain)
+            available = now.astimezone(dt.UTC).replace(tzinfo=None)
+        except SignerUnavailable as error:
+            log.warning("notice %s #%d for %s held back until the notice signer is "
+                        "available: %s", kind, notice.sequence, device.device_id, error.detail)
+            token, available = DEFERRED + json.dumps(_fields(notice)), HELD_BACK
         rows = [{"topic": topic_for(group, device.device_id, self.topic_prefix), "payload": token,
                  "retain": True, "kind": kind, "device_id": device.device_id}]
         if kind == "revocation":
@@ -48,6 +68,39 @@ class NoticeIssuer:
                          "device_id": device.device_id})
         naive_now = now.astimezone(dt.UTC).replace(tzinfo=None)
         for row in rows:
-            row |= {"created_at": naive_now, "available_at": naive_now}
+            row |= {"created_at": naive_now, "available_at": available}
         OutboxMessage.insert_many(rows).execute()
         return notice
+
+    def sign_deferred(self, repository: Repository, now: dt.datetime,
+                      limit: int = 500) -> int:
+        """Sign held-back notices and release their rows; returns how many notices.
+        Raises SignerUnavailable (nothing changed) while the signer is still away."""
+        signed: dict[str, str] = {}
+        with repository.transaction():
+            rows = list(OutboxMessage.select(OutboxMessage.id, OutboxMessage.payload).where(
+                (OutboxMessage.available_at == HELD_BACK)  # indexed: cheap every second
+                & OutboxMessage.sent_at.is_null()
+                & OutboxMessage.payload.startswith(DEFERRED))
+                .order_by(OutboxMessage.id).limit(limit))
+            for row in rows:
+                if row.payload not in signed:
+                    notice = _notice(json.loads(row.payload.removeprefix(DEFERRED)))
+                    signed[row.payload] = sign_notice(notice, self.signer.key,
+                                                      self.signer.chain)
+                OutboxMessage.update(payload=signed[row.payload],
+                                     available_at=naive_utc(now)).where(
+                    OutboxMessage.id == row.id).execute()
+        return len(signed)
+
+
+def _fields(notice: Notice) -> dict[str, object]:
+    return {"device_id": notice.device_id, "type": notice.type, "serial": notice.serial,
+            "sequence": notice.sequence, "issued_at": notice.issued_at.isoformat(),
+            "expires_at": notice.expires_at.isoformat(), "group": notice.group,
+            "reason": notice.reason, "extra": dict(notice.extra)}
+
+
+def _notice(fields: dict) -> Notice:
+    return Notice(**{**fields, "issued_at": dt.datetime.fromisoformat(fields["issued_at"]),
+                     "expires_at": dt.datetime.fromisoformat(fields["expires_at"])})
