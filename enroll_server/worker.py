@@ -30,16 +30,13 @@ import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
 from queue import Empty, SimpleQueue
 
-from gunicorn import http
 from gunicorn import sock as gunicorn_sock
-from gunicorn.http import wsgi
-from gunicorn.http.errors import NoMoreData
 from gunicorn.workers import base
 
 from .http.framing import Framing, RequestScan, oversized_request
+from .worker_requests import plain_response, respond
 
 
 @dataclass(frozen=True)
@@ -79,26 +76,6 @@ class _Connection:
         self.continue_sent = False
 
 
-class _ResponseBuffer:
-    """What gunicorn's Response writes to instead of the socket: the loop sends it."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def sendall(self, data: bytes) -> None:
-        self.data += data
-
-    def send(self, data: bytes) -> int:
-        self.data += data
-        return len(data)
-
-    def gettimeout(self) -> float:
-        return 0.0
-
-    def setblocking(self, flag: bool) -> None:
-        pass
-
-
 class EventLoopWorker(base.Worker):
     """A gunicorn worker class (``worker_class``); see the module docstring."""
 
@@ -115,6 +92,7 @@ class EventLoopWorker(base.Worker):
         self.next_sweep = 0.0
         self.ready: list[_Connection] = []  # to read again without waiting for the poll
         self.ssl_context = gunicorn_sock.ssl_context(self.cfg) if self.cfg.is_ssl else None
+        self.max_buffer = self.limits.max_head + self.limits.max_body + _READ_SIZE
         _raise_file_limit(self.limits.max_connections + 256)
         super().init_process()
 
@@ -178,7 +156,7 @@ class EventLoopWorker(base.Worker):
         for connection in [c for c in self.connections
                            if c.state != _BUSY and c.deadline <= now]:
             if connection.state == _READING and connection.started and connection.buffer:
-                self._send_best_effort(connection, _plain_response(
+                self._send_best_effort(connection, plain_response(
                     408, "Request Timeout", "request.timeout",
                     "The request did not arrive in time."))
             self._close(connection)
@@ -281,6 +259,13 @@ class EventLoopWorker(base.Worker):
         """Hand over a complete request; True when the connection left the read state."""
         buffer, scan = connection.buffer, connection.scan
         framing, end = scan.extent(buffer)
+        if framing is Framing.INCOMPLETE and len(buffer) > self.max_buffer:
+            # Only chunk framing can get here (a thousand chunks with long extensions):
+            # a request's bytes in memory stay bounded, whatever the client sends.
+            self._respond_directly(connection, plain_response(
+                413, "Payload Too Large", "request.too_large",
+                "The request is larger than the server accepts."))
+            return True
         if framing is Framing.INCOMPLETE:
             if scan.expects_continue and scan.head_end and not connection.continue_sent:
                 connection.continue_sent = True  # RFC 9110 10.1.1
@@ -301,11 +286,11 @@ class EventLoopWorker(base.Worker):
             buffer.clear()
             self._dispatch(connection, request, close_after=True)
         elif framing is Framing.HEAD_TOO_LARGE:
-            self._respond_directly(connection, _plain_response(
+            self._respond_directly(connection, plain_response(
                 431, "Request Header Fields Too Large", "request.header_too_large",
                 "The request head is larger than the server accepts."))
         else:
-            self._respond_directly(connection, _plain_response(
+            self._respond_directly(connection, plain_response(
                 400, "Bad Request", "request.bad_chunked_body",
                 "The chunked request body is malformed (RFC 9112 7.1)."))
         return True
@@ -319,67 +304,17 @@ class EventLoopWorker(base.Worker):
 
     def _serve(self, connection: _Connection, request: bytes, close_after: bool) -> None:
         """In a pool thread: never touches the socket, only the request's bytes."""
-        output, keepalive = _ResponseBuffer(), False
+        output, keepalive = b"", False
         try:
-            keepalive = self._respond(connection, request, close_after, output)
+            output, keepalive = respond(self, request, connection.client, connection.server,
+                                        connection.sock, close_after)
         except BaseException:  # noqa: BLE001 - the loop must hear back in any case
             self.log.exception("request from %s: unexpected error", connection.client)
-        self.done.put((connection, bytes(output.data), keepalive))
+        self.done.put((connection, output, keepalive))
         try:
             os.write(self.PIPE[1], b".")
         except OSError:  # the pipe is full: the loop is awake anyway
             pass
-
-    def _respond(self, connection: _Connection, request: bytes, close_after: bool,
-                 output: _ResponseBuffer) -> bool:
-        req = None
-        try:
-            req = next(http.RequestParser(self.cfg, [request], connection.client))
-            return self._run_application(req, connection, close_after, output)
-        except (NoMoreData, StopIteration):
-            return False
-        except Exception as exc:  # noqa: BLE001 - gunicorn answers 400/431/500 itself
-            self.handle_error(req, output, connection.client, exc)
-            return False
-
-    def _run_application(self, req, connection: _Connection, close_after: bool,  # noqa: ANN001
-                         output: _ResponseBuffer) -> bool:
-        """gunicorn's request handling (workers/gthread.py handle_request), on a buffer."""
-        environ: dict = {}
-        resp = None
-        try:
-            self.cfg.pre_request(self, req)
-            started = datetime.now()
-            resp, environ = wsgi.create(req, output, connection.client, connection.server,
-                                        self.cfg)
-            environ["gunicorn.socket"] = connection.sock  # http/tls.py: the client cert
-            environ["wsgi.multithread"] = True
-            self.nr += 1
-            if self.nr >= self.max_requests and self.alive:
-                self.log.info("Autorestarting worker after current request.")
-                self.alive = False
-            if close_after or not self.alive or not self.cfg.keepalive:
-                resp.force_close()
-            body = self.wsgi(environ, resp.start_response)
-            try:
-                for item in body:
-                    resp.write(item)
-                resp.close()
-            finally:
-                self.log.access(resp, req, environ, datetime.now() - started)
-                if hasattr(body, "close"):
-                    body.close()
-            return not resp.should_close()
-        except Exception:
-            if resp is not None and resp.headers_sent:
-                self.log.exception("Error handling request")  # too late for a 500
-                raise StopIteration() from None
-            raise
-        finally:
-            try:
-                self.cfg.post_request(self, req, environ, resp)
-            except Exception:  # noqa: BLE001
-                self.log.exception("Exception in post_request hook")
 
     def _finish_responses(self) -> None:
         while True:
@@ -515,14 +450,6 @@ class EventLoopWorker(base.Worker):
             self._close(connection)
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.selector.close()
-
-
-def _plain_response(status: int, reason: str, code: str, message: str) -> bytes:
-    """A refusal the loop writes itself, in the form of app.error_response for EST."""
-    body = f"error: {code}\n{message}\n".encode()
-    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            f"X-Error-Code: {code}\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n").encode() + body
 
 
 def _raise_file_limit(wanted: int) -> None:

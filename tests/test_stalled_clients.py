@@ -222,3 +222,22 @@ def test_tls_errors_close_only_that_connection(server: ServedInstance) -> None:
         untrusting.wrap_socket(raw, server_hostname="localhost")
     with client(server) as http:
         assert http.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_a_request_cannot_make_the_server_buffer_more_than_its_limits(
+        server: ServedInstance) -> None:
+    """A thousand one-byte chunks with long extensions (RFC 9112 7.1.1): within the chunk
+    count and the body limit, but no server buffers 200 KB for a 1 KB body."""
+    connection = open_stalled("idle_after_tls", server.port, tls_context(server.trust_anchor))
+    connection.settimeout(120)
+    chunks = b"".join(b"1;ext=" + b"e" * 200 + b"\r\nA\r\n" for _ in range(1000))
+    try:
+        connection.sendall(b"POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: localhost\r\n"
+                           b"Content-Type: application/pkcs10\r\n"
+                           b"Transfer-Encoding: chunked\r\n\r\n" + chunks)
+    except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+        pass  # the server may answer and close before we are done sending
+    answer = read_until_closed(connection)
+    connection.close()
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"X-Error-Code: request.too_large" in answer
