@@ -286,8 +286,14 @@ def test_file_backed_delegated_keys_are_encrypted_and_plain_ones_migrate_in_plac
     (instance.dir / "ca/notice-signer.key").write_bytes(legacy.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
+    (instance.dir / "enroll.db").chmod(0o644)  # as SQLite created it under umask 022
+    instance.dir.chmod(0o755)
     instance.start()  # still loads, with a warning, and gets a certificate for it
-    assert "notice-signer.key is an unencrypted delegated signing key" in instance.log_text()
+    log = instance.log_text()
+    assert "notice-signer.key is an unencrypted delegated signing key" in log
+    assert f"tightened {instance.dir / 'enroll.db'}: 644 -> 600" in log
+    assert mode(instance.dir / "enroll.db") == 0o600
+    assert f"{instance.dir} is open to other users: chmod 700" in log  # named, not changed
     assert certificate_key(instance, "notice-signer") == legacy.public_key()
     migrated = json.loads(instance.cli("delegated-keys", "migrate", "--json").stdout)
     assert [row["key"] for row in migrated] == ["notice-signer"]

@@ -241,3 +241,23 @@ def test_a_request_cannot_make_the_server_buffer_more_than_its_limits(
     connection.close()
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
     assert b"X-Error-Code: request.too_large" in answer
+
+
+@pytest.mark.parametrize(("fields", "status"), [
+    (b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", b"400"),  # smuggling, 9112 6.1
+    (b"Content-Length: 5\r\nContent-Length: 6\r\n", b"400"),
+    (b"Content-Length: abc\r\n", b"400"),
+    (b"Transfer-Encoding: gzip\r\n", b"400"),
+    (b"Content-Length: 99999\r\n", b"413"),  # refused without waiting for the body
+])
+def test_ambiguous_or_oversized_framing_is_a_4xx_over_the_wire(
+        server: ServedInstance, fields: bytes, status: bytes) -> None:
+    before = server.log_text()
+    connection = open_stalled("idle_after_tls", server.port, tls_context(server.trust_anchor))
+    connection.settimeout(120)
+    connection.sendall(b"POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: localhost\r\n"
+                       b"Content-Type: application/pkcs10\r\n" + fields + b"\r\nhello")
+    answer = read_until_closed(connection)
+    connection.close()
+    assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:200]
+    assert "Traceback" not in server.log_text()[len(before):]
