@@ -33,6 +33,9 @@ def create_app(settings: Settings, services: Services | None = None) -> Flask:
     app = Flask("enroll_server")
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
     app.extensions["enroll"] = services or build_services(settings)
+    # Never a redirect: werkzeug builds it from the request's Host header (a client could
+    # point it anywhere). "//" is not merged and a trailing "/" is not added: 404 instead.
+    app.url_map.merge_slashes = app.url_map.strict_slashes = False
 
     from .http import admin, est, est_attest, health, metrics, revocation
 

@@ -43,6 +43,16 @@ class ServerSettings:
     rate_limit_burst: int = 100
     retry_after_seconds: int = 30
     manual_approval_retry_seconds: int = 60
+    # Slow or stalled clients (worker.py): a connection must complete its TLS handshake
+    # and its request within read_timeout_seconds of connecting (on a kept-alive
+    # connection: of the request's first byte), a response must make progress every
+    # write_timeout_seconds, an idle kept-alive connection closes after keepalive_seconds.
+    read_timeout_seconds: float = 15.0
+    write_timeout_seconds: float = 30.0
+    keepalive_seconds: float = 30.0
+    # Open connections per worker process; above it the worker stops accepting until
+    # some close (the others and the listen backlog take the rest).
+    max_connections_per_worker: int = 4096
 
 
 @dataclass(frozen=True)
@@ -273,6 +283,13 @@ def _validate(s: Settings) -> None:
          "must be an http(s) URL")
     need(s.server.rate_limit_per_second > 0, "server.rate_limit_per_second", "must be > 0")
     need(s.server.rate_limit_burst >= 1, "server.rate_limit_burst", "must be at least 1")
+    for key in ("read_timeout_seconds", "write_timeout_seconds"):
+        need(0.1 <= getattr(s.server, key) <= 3600, f"server.{key}",
+             "must be between 0.1 and 3600")
+    need(0 <= s.server.keepalive_seconds <= 3600, "server.keepalive_seconds",
+         "must be between 0 (no keep-alive) and 3600")
+    need(16 <= s.server.max_connections_per_worker <= 1 << 20,
+         "server.max_connections_per_worker", "must be between 16 and 1048576")
     for proxy in s.server.trusted_proxies:
         try:
             ipaddress.ip_network(proxy, strict=False)

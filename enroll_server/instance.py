@@ -9,12 +9,20 @@
     DIR/ca/ca-chain.pem        active issuing CA + root: the trust anchor file to give
                                clients (rewritten by `ca rotate`; trusting the root alone
                                works too: servers send their chain)
-    DIR/ca/ocsp-responder.*    delegated OCSP responder key + certificate (RFC 6960 4.2.2.2);
-                               ocsp-responder-<ca>.* for later CA generations
-    DIR/ca/notice-signer.*     notice-signing key + certificate (signed MQTT notices)
+    DIR/ca/ocsp-responder.pem  delegated OCSP responder certificate (RFC 6960 4.2.2.2);
+                               ocsp-responder-<ca>.pem for later CA generations
+    DIR/ca/notice-signer.pem   notice-signing certificate (signed MQTT notices)
+                               Their keys are in the CA's PKCS#11 token; with --ca-key file,
+                               encrypted files beside them (ca/delegated.py)
     DIR/softhsm/               SoftHSM2 token store (only when no token was configured)
     DIR/tls/server.pem|.key    the EST listener's TLS certificate and key
-    DIR/secrets/               HSM PIN, root key passphrase, operator credential (0600)
+    DIR/secrets/               HSM user PIN, root (and file CA) key passphrases (0600)
+
+Secrets at rest (SECURITY-CHECKLIST 36): the directory is 0700 and every file the
+service writes is readable by its user only (umask 077; the SQLite database and its
+-wal, -shm and writer-lock files 0600). The operator credential is shown once and only
+its SHA-256 is kept (config.toml, operator.credential_sha256); the SoftHSM SO PIN is
+never stored; no PIN is ever on a child process's command line (ca/softhsm.py).
 
 Refuses to touch a directory that already holds an instance.
 """
@@ -37,17 +45,16 @@ from .ca import delegated, hierarchy
 from .ca.keys import (
     Pkcs11PrivateKey,
     generate_pkcs11_ec_key,
-    init_softhsm_token,
     load_file_private_key,
     write_file_private_key,
 )
 from .ca.profiles import FIRST_CA_NAME
 from .ca.signer import Signer
+from .ca.softhsm import SOFTHSM_MODULE, init_softhsm_token
 from .config import load_settings
+from .secrets_at_rest import tighten_instance_files
 from .store.db import migrate, open_database
 from .store.repository import Repository
-
-SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,9 @@ def init_instance(options: InitOptions) -> dict[str, str]:
             directory.iterdir())):
         raise InstanceExists(f"{directory} is not empty; refusing to overwrite an "
                              "instance (choose a new --dir)")
+    os.umask(0o077)  # this process writes instance files only: the service user's
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    directory.chmod(0o700)  # also when it existed (empty)
     for sub in ("ca", "tls", "secrets"):
         (directory / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
     config: dict = {
@@ -116,13 +126,14 @@ def init_instance(options: InitOptions) -> dict[str, str]:
     (directory / "tls/server.pem").write_bytes(_pem(server_certificate)
                                                + _pem(issuing_certificate))
 
-    operator_credential = "op_" + secrets.token_urlsafe(32)
-    _write_secret(directory / "secrets/operator.token", operator_credential)
-    config["operator"] = {
-        "credential_sha256": hashlib.sha256(operator_credential.encode()).hexdigest()}
+    operator_credential = new_operator_credential()
+    config["operator"] = {"credential_sha256": credential_sha256(operator_credential)}
     (directory / "config.toml").write_text(tomli_w.dumps(config))
 
     settings = load_settings(directory / "config.toml", environ={})
+    if settings.database.url.startswith("sqlite"):
+        # SQLite gives -wal and -shm the database file's mode: create it 0600 first.
+        os.close(os.open(directory / "enroll.db", os.O_WRONLY | os.O_CREAT, 0o600))
     database = open_database(settings.database.url, settings.instance_dir)
     with database.connection_context():
         migrate(database)
@@ -134,9 +145,20 @@ def init_instance(options: InitOptions) -> dict[str, str]:
                      outcome="success", detail={"ca_key": options.ca_key,
                                                 "directory": str(directory)})
     database.close()
+    tighten_instance_files(settings)
     return {"directory": str(directory), "config": str(directory / "config.toml"),
             "trust_anchor": str(directory / "ca/ca-chain.pem"),
-            "operator_credential_file": str(directory / "secrets/operator.token")}
+            "operator_credential": operator_credential}
+
+
+def new_operator_credential() -> str:
+    """A fresh operator API credential: 256 random bits (so a plain SHA-256 is a safe
+    way to keep it: nothing to brute-force)."""
+    return "op_" + secrets.token_urlsafe(32)
+
+
+def credential_sha256(credential: str) -> str:
+    return hashlib.sha256(credential.encode()).hexdigest()
 
 
 def _prepare_revocation(settings, repository: Repository, signer: Signer) -> None:
@@ -168,11 +190,10 @@ def _create_issuing_key(options: InitOptions, directory: Path, config: dict):
                     "key_label": "issuing-ca"}
     if options.pkcs11_module is None:
         softhsm_conf = directory / "softhsm/softhsm2.conf"
-        pin = secrets.token_hex(8)
+        pin = secrets.token_hex(16)
         _write_secret(directory / "secrets/hsm.pin", pin)
-        _write_secret(directory / "secrets/hsm-so.pin", secrets.token_hex(8))
         init_softhsm_token(softhsm_conf, directory / "softhsm/tokens", options.token_label,
-                           pin, (directory / "secrets/hsm-so.pin").read_text().strip())
+                           pin)  # the SO PIN is random and forgotten (ca/softhsm.py)
         os.environ["SOFTHSM2_CONF"] = str(softhsm_conf)
         pkcs11.update(softhsm_conf="softhsm/softhsm2.conf", pin_file="secrets/hsm.pin")
     else:

@@ -1,4 +1,5 @@
-"""The production server: gunicorn, multi-process, threaded workers, TLS 1.2+.
+"""The production server: gunicorn, multi-process, TLS 1.2+, with our own worker class
+(worker.py: an event loop owns the sockets, threads run the application).
 
 Each worker builds its own application (no preload), so every worker process has its
 own PKCS#11 session and database connection (SoftHSM is not fork- or thread-safe:
@@ -17,11 +18,14 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
 
 from .config import Settings, load_settings
+from .worker import ConnectionLimits
 
 X509_V_FLAG_NO_CHECK_TIME = 0x200000  # OpenSSL x509_vfy.h
 log = logging.getLogger(__name__)
@@ -82,8 +86,10 @@ class EnrollServer(BaseApplication):
         self.cfg.set("bind", [f"{server.bind}:{server.port}"])
         self.cfg.set("workers", server.workers)
         self.cfg.set("threads", server.threads)
-        self.cfg.set("worker_class", "gthread")
-        self.cfg.set("keepalive", 30)
+        self.cfg.set("worker_class", "enroll_server.worker.EventLoopWorker")
+        self.cfg.set("keepalive", max(1, round(server.keepalive_seconds))
+                     if server.keepalive_seconds else 0)
+        self.connection_limits = connection_limits(settings)
         self.cfg.set("timeout", 60)
         self.cfg.set("graceful_timeout", 10)
         self.cfg.set("certfile", str(settings.tls.cert))
@@ -125,6 +131,15 @@ class EnrollServer(BaseApplication):
         return create_app(load_settings(self.config_path))
 
 
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    server = settings.server
+    return ConnectionLimits(
+        read_timeout=server.read_timeout_seconds, write_timeout=server.write_timeout_seconds,
+        keepalive=server.keepalive_seconds,
+        max_connections=server.max_connections_per_worker,
+        max_body=server.max_body_bytes)
+
+
 def serve(config_path: Path, port: int | None = None, workers: int | None = None,
           with_relay: bool = False) -> None:
     if port is not None:
@@ -132,6 +147,8 @@ def serve(config_path: Path, port: int | None = None, workers: int | None = None
     if workers is not None:
         os.environ["ENROLL_SERVER__WORKERS"] = str(workers)
     settings = load_settings(config_path)
+    os.umask(0o077)  # every file the server and its workers create: the service user's
+    _check_secrets_at_rest(settings)
     relay = _start_relay(config_path) if with_relay else None
     try:
         EnrollServer(config_path, settings).run()
@@ -141,11 +158,20 @@ def serve(config_path: Path, port: int | None = None, workers: int | None = None
             relay.wait(15)
 
 
-def _start_relay(config_path: Path):
-    """`enroll-server relay` beside the server, as its own process (its own PKCS#11 login,
-    its own MQTT connection); stopped when the server stops."""
-    import subprocess
-    import sys
+def _check_secrets_at_rest(settings: Settings) -> None:
+    from .secrets_at_rest import findings, tighten_instance_files
 
-    return subprocess.Popen([sys.executable, "-c", "from enroll_server.cli import run; run()",
-                             "--config", str(config_path), "relay"])
+    for change in tighten_instance_files(settings):
+        print(f"enroll-server: tightened {change}", file=sys.stderr)
+    for finding in findings(settings):
+        print(f"enroll-server: warning: {finding}", file=sys.stderr)
+
+
+
+
+def _start_relay(config_path: Path) -> subprocess.Popen:
+    """`enroll-server relay` beside the server, as its own process (its own PKCS#11 login,
+    its own MQTT connection); stopped when the server stops, or dies."""
+    return subprocess.Popen([sys.executable, "-c",
+                             "from enroll_server.relay_child import main; main()",
+                             str(os.getpid()), "--config", str(config_path), "relay"])

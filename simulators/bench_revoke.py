@@ -222,7 +222,7 @@ def run_revoke_bench(devices: int = 200, revocations: int = 100, crl_entries: in
 
 def _burst(instance: ServedInstance, victims: list[Agent],
            progress: Progress) -> dict[str, Any]:
-    credential = (instance.dir / "secrets/operator.token").read_text().strip()
+    credential = instance.operator_token
     started: dict[str, float] = {}
 
     def revoke(agent: Agent) -> int:

@@ -165,6 +165,7 @@ class NoticeLoop:
     def __init__(self, instance: ServedInstance, workdir: Path, *relays: str,
                  gateway: str | None = None) -> None:
         self.instance, self.workdir = instance, workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.relay_log = workdir / "relay.log"
         # broker-config's files are run in place, as an operator would: started as root,
         # Mosquitto switches to the `mosquitto` user and re-reads its config, ACL and CRL

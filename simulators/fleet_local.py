@@ -202,7 +202,7 @@ def _revoke(rig: Rig, gateway: Gateway, victims: list[DeviceResult],
             progress: Progress) -> dict[str, RevocationOutcome]:
     """Revoke through the operator API (retrying while chaos restarts the server), then
     wait for each notice at the gateway: until all are in, or NOTICE_TIMEOUT."""
-    credential = (rig.instance.dir / "secrets/operator.token").read_text().strip()
+    credential = rig.instance.operator_token
     outcomes: dict[str, RevocationOutcome] = {}
     called: dict[str, float] = {}
     with OperatorApi(rig.instance.url, rig.instance.trust_anchor, credential) as api:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -65,9 +66,14 @@ class ServedInstance:
                     "ENROLL_SERVER__WORKERS": "2", **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = (Path(self._tmp) if self._tmp else self.dir.parent) / "server.log"
+        # `init` shows the operator API credential once (only its hash is kept); None for
+        # an instance initialised before (`enroll-server operator rotate` makes a new one).
+        self.operator_credential: str | None = None
         if not (self.dir / "config.toml").exists():
-            enroll_server("init", "--dir", str(self.dir), "--ca-key", ca_key,
-                          "--port", str(self.port))
+            output = enroll_server("init", "--dir", str(self.dir), "--ca-key", ca_key,
+                                   "--port", str(self.port)).stdout
+            found = re.search(r"\bop_[A-Za-z0-9_-]{20,}", output)
+            self.operator_credential = found.group(0) if found else None
 
     @property
     def config(self) -> Path:
@@ -83,8 +89,11 @@ class ServedInstance:
 
     @property
     def operator_token(self) -> str:
-        """The operator credential `enroll-server init` created (a Bearer token)."""
-        return (self.dir / "secrets" / "operator.token").read_text().strip()
+        """The operator credential `enroll-server init` showed (a Bearer token)."""
+        if self.operator_credential is None:
+            raise ServerProcessError("no operator credential known for this instance: "
+                                     "run `enroll-server operator rotate`")
+        return self.operator_credential
 
     def cli(self, *args: str, check: bool = True,
             env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

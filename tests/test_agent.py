@@ -44,7 +44,7 @@ from simulators.served import ServedInstance
 from tests.support.agent_device import AgentDevice, publish_as_relay, read_retained
 from tests.support.attest_helpers import roots_file
 from tests.support.fleet import RevocationRig, wait_for
-from tests.support.forged_notices import genuine_signer, jws_signed_by, rogue_chain
+from tests.support.forged_notices import genuinely_signed, jws_signed_by, rogue_chain
 
 pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
 
@@ -226,13 +226,13 @@ def test_forged_replayed_expired_misaddressed_and_malformed_notices_are_ignored(
     instance.cli("revoke", "--device", bystander.device_id)
     assert wait_for(lambda: bool(sent_payloads(instance, bystander.device_id)), 30)
     misaddressed = sent_payloads(instance, bystander.device_id)[-1]
-    key, chain = genuine_signer(instance)
     long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
     forged = {  # every one a revocation of the current certificate, were it believed
         "rogue CA": sign_notice(notice_for(device, "revocation", 10**6), rogue_key, rogue),
         "device key": jws_signed_by(notice_for(device, "revocation", 10**6),
                                     bystander_key, bystander_chain),  # type: ignore[arg-type]
-        "expired": sign_notice(notice_for(device, "revocation", 10**6, long_ago), key, chain),
+        "expired": genuinely_signed(instance, notice_for(device, "revocation", 10**6,
+                                                         long_ago)),
         "replayed": replay,
         "misaddressed": misaddressed,
         "malformed": "this.is-not.a-notice",

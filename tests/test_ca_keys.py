@@ -33,11 +33,11 @@ from enroll_server.ca.keys import (
     KeyNotExtractable,
     Pkcs11PrivateKey,
     generate_pkcs11_ec_key,
-    init_softhsm_token,
     load_file_private_key,
     login_count,
     write_file_private_key,
 )
+from enroll_server.ca.softhsm import init_softhsm_token
 from enroll_server.errors import SignerUnavailable
 
 pytestmark = pytest.mark.integration  # served, swtpm, SoftHSM or a private broker
@@ -405,8 +405,7 @@ def test_file_key_round_trip_is_0600_encrypted_and_never_clobbered(tmp_path: Pat
     assert [entry.name for entry in tmp_path.iterdir()] == ["ca.key"]  # no temp left
 
 
-def test_init_softhsm_token_says_what_to_install(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PATH", str(tmp_path))
+def test_init_softhsm_token_says_what_to_install(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="apt-get install softhsm2"):
-        init_softhsm_token(tmp_path / "c.conf", tmp_path / "tokens", "t", PIN, SO_PIN)
+        init_softhsm_token(tmp_path / "c.conf", tmp_path / "tokens", "t", PIN, SO_PIN,
+                           module=tmp_path / "libsofthsm2.so")

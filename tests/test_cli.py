@@ -15,10 +15,9 @@ def test_init_creates_a_complete_instance_and_refuses_to_overwrite_it(tmp_path):
     result = enroll_server("init", "--dir", str(directory), "--ca-key", "file")
     assert "enroll-server serve --config" in result.stdout
     for name in ("config.toml", "enroll.db", "ca/root-ca.pem", "ca/root-ca.key",
-                 "ca/issuing-ca.pem", "ca/ca-chain.pem", "tls/server.pem",
-                 "secrets/operator.token"):
+                 "ca/issuing-ca.pem", "ca/ca-chain.pem", "tls/server.pem"):
         assert (directory / name).exists(), name
-    assert stat.S_IMODE((directory / "secrets/operator.token").stat().st_mode) == 0o600
+    assert stat.S_IMODE((directory / "secrets/root-ca.pass").stat().st_mode) == 0o600
     assert b"ENCRYPTED PRIVATE KEY" in (directory / "ca/root-ca.key").read_bytes()
     before = (directory / "ca/issuing-ca.pem").read_bytes()
     again = enroll_server("init", "--dir", str(directory), check=False)

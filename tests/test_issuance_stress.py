@@ -53,7 +53,7 @@ class Served:
         self.tokens = ["et_" + secrets.token_urlsafe(32) for _ in range(4 * TRIALS)]
         self.repository.create_tokens("default", self.tokens, dt.timedelta(hours=1),
                                       "operator:test")
-        self.operator = (instance.dir / "secrets" / "operator.token").read_text().strip()
+        self.operator = instance.operator_token
         self.ca = x509.load_pem_x509_certificates(instance.trust_anchor.read_bytes())[0]
 
     def enroll(self, device_id: str):

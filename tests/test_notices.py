@@ -32,10 +32,10 @@ from enroll_server.ca.keys import (
     KeyNotExtractable,
     Pkcs11PrivateKey,
     generate_pkcs11_ec_key,
-    init_softhsm_token,
 )
 from enroll_server.ca.profiles import CertProfile
 from enroll_server.ca.signer import Signer
+from enroll_server.ca.softhsm import init_softhsm_token
 from enroll_server.notify import notices
 from enroll_server.notify.notices import (
     NOTICE_SIGNING_EKU,

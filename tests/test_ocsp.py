@@ -19,7 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from enroll_server.ca.crl import RevokedEntry, build_crl
 from enroll_server.ca.hierarchy import make_root_ca
-from enroll_server.ca.keys import Pkcs11PrivateKey, generate_pkcs11_ec_key, init_softhsm_token
+from enroll_server.ca.keys import Pkcs11PrivateKey, generate_pkcs11_ec_key
 from enroll_server.ca.ocsp import (
     OcspRequestError,
     OcspResponder,
@@ -30,6 +30,7 @@ from enroll_server.ca.ocsp import (
 )
 from enroll_server.ca.profiles import CertProfile, revocation_urls
 from enroll_server.ca.signer import Signer
+from enroll_server.ca.softhsm import init_softhsm_token
 from enroll_server.errors import SignerUnavailable, StoreUnavailable
 
 SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")

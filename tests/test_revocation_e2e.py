@@ -140,7 +140,7 @@ def test_the_operator_api_revokes_with_curl_and_refuses_a_wrong_credential(
                            capture_output=True, text=True, timeout=30).stdout
     assert wrong.endswith("\n401") and "operator.unauthorized" in wrong
     assert db_count(instance, "certificate", "status = 'revoked'") == before
-    credential = (instance.dir / "secrets/operator.token").read_text().strip()
+    credential = instance.operator_credential
     done = subprocess.run([*curl, "-H", f"Authorization: Bearer {credential}"],
                           capture_output=True, text=True, timeout=30).stdout
     answer, status = done.rsplit("\n", 1)

@@ -18,8 +18,6 @@ import hashlib
 import hmac
 import math
 import os
-import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -220,36 +218,25 @@ def _raw_to_der(raw: bytes) -> bytes:
     return encode_dss_signature(int.from_bytes(raw[:half]), int.from_bytes(raw[half:]))
 
 
-def init_softhsm_token(conf_path: Path, token_dir: Path, label: str, pin: str,
-                       so_pin: str) -> None:
-    """Write a SoftHSM2 config pointing at token_dir and initialise a token in a free slot.
-
-    For tests and development: softhsm2-util takes the PINs on its command line, which
-    other local users can see while it runs.
-    """
-    tool = shutil.which("softhsm2-util")
-    if tool is None:
-        raise RuntimeError("softhsm2-util not found: install SoftHSM2 (apt-get install softhsm2)")
-    token_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    conf_path.parent.mkdir(parents=True, exist_ok=True)
-    conf_path.write_text(f"directories.tokendir = {token_dir}\n"
-                         "objectstore.backend = file\nlog.level = ERROR\n")
-    env = {**os.environ, "SOFTHSM2_CONF": str(conf_path)}
-    result = subprocess.run([tool, "--init-token", "--free", "--label", label, "--pin", pin,
-                             "--so-pin", so_pin], env=env, capture_output=True, text=True,
-                            check=False)
-    if result.returncode != 0:
-        output = (result.stderr or result.stdout).strip()
-        raise RuntimeError(f"softhsm2-util could not initialise token {label!r} "
-                           f"(exit {result.returncode}): {output}; check {conf_path}")
-
-
 def generate_pkcs11_ec_key(module: Path, token_label: str, key_label: str, pin: str,
                            curve: ec.EllipticCurve = ec.SECP256R1()
                            ) -> ec.EllipticCurvePublicKey:
     """Generate a token-resident, sensitive, non-extractable EC key pair (C_GenerateKeyPair
     with CKM_EC_KEY_PAIR_GEN, PKCS#11 v2.40 Current Mechanisms 2.3.5); both halves carry
     key_label. Raises ValueError if any object already has that label."""
+    public = ensure_pkcs11_ec_key(module, token_label, key_label, pin, curve)
+    if public is None:
+        raise ValueError(f"token {token_label!r} already holds an object labelled "
+                         f"{key_label!r}")
+    return public
+
+
+def ensure_pkcs11_ec_key(module: Path, token_label: str, key_label: str, pin: str,
+                         curve: ec.EllipticCurve = ec.SECP256R1()
+                         ) -> ec.EllipticCurvePublicKey | None:
+    """Like generate_pkcs11_ec_key, but a label already in use is no error: returns the
+    new public key, or None when the token already holds objects labelled key_label.
+    Not atomic across processes (PKCS#11 has no unique labels): callers serialise."""
     module_path = os.path.realpath(module)
     with _PKCS11_LOCK:
         loaded = _module(module_path)
@@ -265,8 +252,7 @@ def generate_pkcs11_ec_key(module: Path, token_label: str, key_label: str, pin: 
             opened = _find_token(loaded, token_label).open(rw=True, user_pin=pin)
         with opened as session:
             if list(session.get_objects({Attribute.LABEL: key_label})):
-                raise ValueError(f"token {token_label!r} already holds an object "
-                                 f"labelled {key_label!r}")
+                return None
             key_id = os.urandom(16)  # CKA_ID pairs the halves (v2.40 4.4)
             public, _private = session.generate_keypair(
                 KeyType.EC, id=key_id, label=key_label, store=True,
@@ -304,6 +290,30 @@ class Pkcs11PrivateKey(ec.EllipticCurvePrivateKey):
         self._retry_at = 0.0
         self.connect_attempts = 0  # times the module was asked for a session (metrics)
         self.last_error: str | None = None  # for the audit log and health reports
+
+    def sibling(self, key_label: str, *, create: bool = False,
+                public_key: ec.EllipticCurvePublicKey | None = None) -> Pkcs11PrivateKey:
+        """Another key of the same token, with the same PIN and backoff (e.g. the OCSP
+        responder's beside the CA's); with create, generated first if the token holds no
+        key under key_label (raises SignerUnavailable if the token cannot be reached).
+        public_key, if known (from its certificate), is pinned without a connection."""
+        if create:
+            try:
+                ensure_pkcs11_ec_key(Path(self._module_path), self._token_label, key_label,
+                                     self._pin)
+            except PKCS11Error as exc:
+                raise SignerUnavailable(retry_after=max(1, math.ceil(self._backoff)),
+                                        detail=f"creating key {key_label!r} on token "
+                                               f"{self._token_label!r}: "
+                                               f"{type(exc).__name__} {exc}") from exc
+        sibling = Pkcs11PrivateKey(Path(self._module_path), self._token_label, key_label,
+                                   self._pin, self._backoff)
+        sibling._public = public_key  # checked against the token's at the first connect
+        return sibling
+
+    @property
+    def key_label(self) -> str:
+        return self._key_label
 
     def __repr__(self) -> str:
         return (f"Pkcs11PrivateKey(module={self._module_path!r}, "

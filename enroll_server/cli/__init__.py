@@ -11,6 +11,7 @@
     revocation.py   revoke, readmit, crl publish | show
     ca.py           ca list | rotate
     broker.py       broker-config, relay
+    operator.py     operator rotate, delegated-keys migrate
 
 Commands are added to their groups here, explicitly: no module registers itself by
 being imported.
@@ -23,13 +24,13 @@ import sys
 import click
 
 from ..config import ConfigError
-from . import broker, ca, devices, groups, instance, revocation, tokens, tpm, vendors
+from . import broker, ca, devices, groups, instance, operator, revocation, tokens, tpm, vendors
 from .root import main
 
 for command in (instance.init, instance.serve, groups.group, tokens.token, devices.certs,
                 devices.devices, devices.audit, revocation.revoke, revocation.readmit,
                 revocation.crl, ca.ca, broker.broker_config, broker.relay,
-                vendors.ek_vendors_group):
+                vendors.ek_vendors_group, operator.operator_group, operator.delegated_keys):
     main.add_command(command)
 for command in (tpm.group_allow_ek, tpm.group_set_pcrs, tpm.group_set_ek_crls,
                 vendors.group_set_ek_vendors):

@@ -40,7 +40,10 @@ def init(directory: Path, ca_key: str, hostnames: tuple[str, ...], port: int,
     click.echo(f"Instance created in {result['directory']}")
     click.echo(f"  config:        {result['config']}")
     click.echo(f"  trust anchor:  {result['trust_anchor']}  (give this to devices)")
-    click.echo(f"  operator key:  {result['operator_credential_file']}")
+    click.echo(f"  operator credential (shown once; only its hash is kept): "
+               f"{result['operator_credential']}")
+    click.echo("    for the operator API (Authorization: Bearer ...); store it now, or get "
+               "a new one with `enroll-server operator rotate`")
     click.echo("Next: enroll-server serve --config " + result["config"])
 
 

@@ -4,9 +4,9 @@
     POST /api/v1/devices/<id>/readmit
     GET  /api/v1/devices/<id>
 
-Authentication: ``Authorization: Bearer <operator credential>`` (created by `enroll-server
-init` in secrets/operator.token); the server keeps only its SHA-256 and compares in
-constant time. Every call is audited with the operator as actor.
+Authentication: ``Authorization: Bearer <operator credential>`` (shown once by
+`enroll-server init`, replaced by `enroll-server operator rotate`); the server keeps only
+its SHA-256 and compares in constant time. Every call is audited with the operator as actor.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ the renderer (errors.render) in the format the blueprint declared.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -28,6 +27,7 @@ from ..errors import (
     audit_outcome,
 )
 from ..services import Services
+from .body import parse_json
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -109,8 +109,8 @@ def read_body(limit: int | None = None) -> bytes:
 
 
 def read_json() -> Any:
-    """The body as JSON, or 400 request.invalid_json."""
-    try:
-        return json.loads(read_body())
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nesting
-        raise BadRequest("The body is not valid JSON.", code="request.invalid_json") from None
+    """The body as JSON (application/json), or 415 / 413 / 400 with a stable code
+    (request.invalid_json, request.json_too_deep): http.body.parse_json."""
+    require_content_type("application/json", "This endpoint expects Content-Type "
+                         "application/json.")
+    return parse_json(read_body())

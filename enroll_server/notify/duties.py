@@ -6,6 +6,8 @@
   CA's CRL is kept until its certificate expires;
 - renewal: certificates whose ``renew_at`` has come get a signed renewal-due notice
   (once), in the same transaction that marks them noticed;
+- deferred notices: notices written while the notice signer (in the HSM) was away are
+  signed and released (notify/issuer.py);
 - superseded certificates: once a renewed certificate's grace period is over (the
   group's ``supersede_grace_seconds``), its revocation (reason superseded) is recorded.
   OCSP and every CRL built from then on already count it as revoked; recording it makes
@@ -73,7 +75,8 @@ class Duties:
         if time.monotonic() - self._last < self.every:
             return
         self._last = time.monotonic()
-        for duty in (self.refresh_authorities, self.renewals, self.revoke_superseded,
+        for duty in (self.refresh_authorities, self.sign_deferred_notices, self.renewals,
+                     self.revoke_superseded,
                      self.refresh_crl, self.sync_broker):
             try:
                 duty()
@@ -88,6 +91,11 @@ class Duties:
             self._adopt()
             log.info("issuing CAs now %s (active %s)",
                      ", ".join(self.crls), self.authorities.active.name)
+
+    def sign_deferred_notices(self) -> None:
+        count = self.notices.sign_deferred(self.repository, self.clock())
+        if count:
+            log.info("signed %d held-back notice(s)", count)
 
     def renewals(self) -> None:
         count = schedule_renewals(self.repository, self.notices, self.clock())

@@ -39,16 +39,20 @@ class Claimed:
     device_id: str | None = None
 
 
+HELD_BACK = dt.datetime(9999, 1, 1)  # available_at of a held-back row: never due
+
+
 def enqueue_notice(device_pk: int, sign: Callable[[int], list[dict[str, Any]]],
                    now: dt.datetime) -> None:
     """In the caller's transaction: take the device's next notice sequence number
     (strictly increasing per device across replicas), let ``sign(sequence)`` make the
-    outbox rows, and insert them."""
+    outbox rows, and insert them. A row may set its own ``available_at`` (HELD_BACK: a
+    notice waiting for its signature, which blocks its topic until released)."""
     Device.update(notice_sequence=Device.notice_sequence + 1).where(
         Device.id == device_pk).execute()
     sequence = Device.select(Device.notice_sequence).where(Device.id == device_pk).scalar()
     naive_now = naive_utc(now)
-    rows = [row | {"created_at": naive_now, "available_at": naive_now}
+    rows = [{"created_at": naive_now, "available_at": naive_now} | row
             for row in sign(int(sequence))]
     OutboxMessage.insert_many(rows).execute()
 
@@ -64,6 +68,26 @@ def _claimable(now: dt.datetime) -> pw.Expression:
 
 
 class Outbox(Transactions):
+    def release_held_back(self, prefix: str, sign: Callable[[str], str], now: dt.datetime,
+                          limit: int = 500) -> int:
+        """Replace the payload of held-back rows (those starting with ``prefix``) by
+        ``sign(payload)`` and make them due; returns how many distinct payloads were
+        signed. One transaction: if ``sign`` raises, nothing changes."""
+        signed: dict[str, str] = {}
+        with self.transaction():
+            rows = list(OutboxMessage.select(OutboxMessage.id, OutboxMessage.payload).where(
+                (OutboxMessage.available_at == HELD_BACK)  # indexed: cheap every second
+                & OutboxMessage.sent_at.is_null()
+                & OutboxMessage.payload.startswith(prefix))
+                .order_by(OutboxMessage.id).limit(limit))
+            for row in rows:
+                if row.payload not in signed:
+                    signed[row.payload] = sign(row.payload)
+                OutboxMessage.update(payload=signed[row.payload],
+                                     available_at=naive_utc(now)).where(
+                    OutboxMessage.id == row.id).execute()
+        return len(signed)
+
     def claim_outbox(self, owner: str, now: dt.datetime, limit: int) -> list[Claimed]:
         """Lease up to ``limit`` due rows to ``owner`` and return them (oldest first)."""
         naive = naive_utc(now)

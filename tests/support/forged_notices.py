@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import subprocess
+import sys
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -57,13 +59,29 @@ def jws_signed_by(notice: Notice, key: ec.EllipticCurvePrivateKey,
     return f"{signing_input}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 
 
-def genuine_signer(instance: ServedInstance) -> tuple[ec.EllipticCurvePrivateKey,
-                                                        list[x509.Certificate]]:
-    """The instance's own notice-signing key and chain (as the relay signs with)."""
-    key = serialization.load_pem_private_key(
-        (instance.dir / "ca/notice-signer.key").read_bytes(), None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    certificate = x509.load_pem_x509_certificate(
-        (instance.dir / "ca/notice-signer.pem").read_bytes())
-    issuing_ca = x509.load_pem_x509_certificates(instance.trust_anchor.read_bytes())[0]
-    return key, [certificate, issuing_ca]
+_SIGN_IN_CHILD = """
+import datetime as dt, json, sys
+from enroll_server.ca import delegated
+from enroll_server.config import load_settings
+from enroll_server.notify.notices import Notice, sign_notice
+from enroll_server.services import delegates_dir, load_signer
+fields = json.loads(sys.stdin.read())
+for name in ("issued_at", "expires_at"):
+    fields[name] = dt.datetime.fromisoformat(fields[name])
+settings = load_settings(sys.argv[1])
+signer = delegated.notice_signer(delegates_dir(settings), load_signer(settings))
+print(sign_notice(Notice(**fields), signer.key, list(signer.chain)))
+"""
+
+
+def genuinely_signed(instance: ServedInstance, notice: Notice) -> str:
+    """``notice`` signed by the instance's own notice-signing key, as the relay signs. The
+    key is in the instance's HSM token, so a child process signs (as a relay would)."""
+    fields = {"device_id": notice.device_id, "type": notice.type, "serial": notice.serial,
+              "sequence": notice.sequence, "issued_at": notice.issued_at.isoformat(),
+              "expires_at": notice.expires_at.isoformat(), "group": notice.group,
+              "reason": notice.reason, "extra": dict(notice.extra)}
+    result = subprocess.run([sys.executable, "-c", _SIGN_IN_CHILD, str(instance.config)],
+                            input=json.dumps(fields), capture_output=True, text=True,
+                            timeout=120, check=True)
+    return result.stdout.strip()
